@@ -1,0 +1,122 @@
+"""diffusers key formats (FORMATS.md §1.1): PEFT (P), the example scripts' non-PEFT (Dn), old attn-procs (O).
+
+P:  unet.<path>.lora_A.weight / .lora_B.weight; alpha in the `lora_adapter_metadata` header (diffusers >= 0.34)
+Dn: unet.<path>.lora.down.weight; text_encoder.<path>.lora_linear_layer.down.weight; no alpha (scale 1)
+O:  unet.<…>.attn2.processor.to_q_lora.down.weight (to_out_lora = to_out.0); text encoder to_q_lora = q_proj
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import torch
+
+from ..lora.state import COMPONENTS, Adapter, LoraModule, split_component
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def to_peft(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """P-format tensors, with each component's rank and alpha (and per-module patterns) in the header."""
+    tensors, config = {}, {}
+    for component in adapter.components():
+        mods = {k: m for k, m in adapter.modules.items() if split_component(k)[0] == component}
+        rank = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
+        alpha = Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
+        paths = sorted(split_component(k)[1] for k in mods)
+        config[f"{component}.r"] = rank
+        config[f"{component}.lora_alpha"] = alpha
+        config[f"{component}.target_modules"] = paths
+        # Full paths as patterns: peft matches them end-anchored, so each names exactly one module.
+        config[f"{component}.rank_pattern"] = {split_component(k)[1]: m.rank for k, m in mods.items() if m.rank != rank}
+        config[f"{component}.alpha_pattern"] = {split_component(k)[1]: m.alpha for k, m in mods.items()
+                                                if m.alpha != alpha}
+        for key, m in mods.items():
+            tensors[f"{key}.lora_A.weight"] = m.A.contiguous()
+            tensors[f"{key}.lora_B.weight"] = m.B.contiguous()
+    return tensors, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+
+
+def _alphas_from_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"malformed {ADAPTER_METADATA_KEY} header ({e})") from None
+    out: dict[str, dict] = {}
+    for key, value in config.items():
+        component, _, field = key.partition(".")
+        out.setdefault(component, {})[field] = value
+    return out
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    # peft's rule: a pattern matches when the module path ends with it at a '.' boundary.
+    for pattern, value in (patterns or {}).items():
+        if path == pattern or path.endswith("." + pattern):
+            return value
+    return default
+
+
+def from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraModule]:
+    configs = _alphas_from_metadata(metadata)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if not m:
+            raise ValueError(f"unrecognised key {key}")
+        name = m[1]
+        if name.split(".", 1)[0] not in COMPONENTS:  # model-level file (M): UNet keys without a prefix
+            name = "unet." + name
+        pairs.setdefault(name, {})[m[2]] = t
+    modules = {}
+    for name, p in pairs.items():
+        if set(p) != {"A", "B"}:
+            raise ValueError(f"module {name} lacks its lora_{'B' if 'A' in p else 'A'} weight")
+        component, path = split_component(name)
+        cfg = configs.get(component, {})
+        rank = p["A"].shape[0]
+        # Without a config, diffusers uses lora_alpha = r (scale 1); 8 is LoraConfig's own default.
+        alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)) if cfg else rank
+        if cfg.get("use_rslora"):
+            alpha = alpha * rank ** 0.5  # rslora scales by alpha/√r, which is (alpha·√r)/r
+        modules[name] = LoraModule(p["A"], p["B"], float(alpha))
+    return modules
+
+
+_OLD_TE = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+_OLD_UNET = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+
+def from_diffusers_old(tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
+    """Dn (example scripts) and O (attn-procs) keys; neither stores alpha, so the scale is 1."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.match(r"(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$", key)
+        if m:
+            name, direction = m[1], m[2]
+        else:
+            m = re.match(r"(.+?)\.(?:processor\.)?(to_[qkv]_lora|to_out_lora)\.(down|up)\.weight$", key)
+            if not m:
+                if key.endswith(".alpha"):
+                    pairs.setdefault(key[: -len(".alpha")], {})["alpha"] = t
+                    continue
+                raise ValueError(f"unrecognised key {key}")
+            parent, proj = m[1], m[2]
+            is_te = parent.startswith("text_encoder") or ".self_attn" in parent
+            name, direction = f"{parent}.{(_OLD_TE if is_te else _OLD_UNET)[proj]}", m[3]
+        if name.split(".", 1)[0] not in COMPONENTS:
+            name = "unet." + name  # the oldest attn-procs files have no component prefix
+        pairs.setdefault(name, {})["A" if direction == "down" else "B"] = t
+    modules = {}
+    for name, p in pairs.items():
+        if "A" not in p or "B" not in p:
+            raise ValueError(f"module {name} lacks its {'up' if 'A' in p else 'down'} weight")
+        rank = p["A"].shape[0]
+        alpha = float(p["alpha"].item()) if "alpha" in p else float(rank)
+        modules[name] = LoraModule(p["A"], p["B"], alpha)
+    return modules

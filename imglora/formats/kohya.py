@@ -1,0 +1,206 @@
+"""The kohya/A1111 key format (FORMATS.md §0, §1.4): `lora_unet_<path>.lora_down.weight` etc.
+
+SD1/SD2 UNet paths use diffusers names; SDXL uses the original (sgm) block names, and its text
+encoders are `lora_te1_`/`lora_te2_`. kohya names replace every '.' by '_', which is not invertible
+by string replacement, so names are parsed with the vocabulary of compound words below.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..lora.state import Adapter, LoraModule, split_component
+
+PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.
+COMPOUNDS = {
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
+    "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+    "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+    "final_layer_norm", "text_projection", "input_blocks", "output_blocks", "middle_block", "in_layers",
+    "out_layers", "emb_layers", "skip_connection", "time_embed", "label_emb", "add_k_proj", "add_v_proj",
+    "position_embedding", "token_embedding", "layer_norm1", "layer_norm2",
+}
+
+
+def parse_name(name: str) -> str:
+    """'down_blocks_0_attentions_0_proj_in' -> 'down_blocks.0.attentions.0.proj_in'."""
+    tokens = name.split("_")
+    out, i = [], 0
+    while i < len(tokens):
+        for n in (3, 2):
+            word = "_".join(tokens[i:i + n])
+            if i + n <= len(tokens) and word in COMPOUNDS:
+                out.append(word)
+                i += n
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return ".".join(out)
+
+
+# -- SDXL block names (FORMATS.md §1.3-1.4) -------------------------------------------------------
+RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                 "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+SGM_TO_RESNET = {v: k for k, v in RESNET_TO_SGM.items()}
+TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+SGM_TO_TOP = {v: k for k, v in TOP_TO_SGM.items()}
+
+
+def _resnet_inner(rest: str, table: dict) -> str:
+    for a, b in table.items():
+        if rest == a or rest.startswith(a + "."):
+            return b + rest[len(a):]
+    return rest
+
+
+def diffusers_to_sgm(path: str, layers_per_block: int = 2) -> str:
+    """A diffusers UNet module path in original-SD (sgm) block names."""
+    n = layers_per_block + 1
+    for a, b in TOP_TO_SGM.items():
+        if path == a:
+            return b
+    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "downsamplers":
+            return f"input_blocks.{(i + 1) * n}.0.{'op' if rest == 'conv' else rest}"
+        idx = i * n + j + 1
+        return f"input_blocks.{idx}.0.{_resnet_inner(rest, RESNET_TO_SGM)}" if kind == "resnets" \
+            else f"input_blocks.{idx}.1.{rest}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if m:
+        kind, j, rest = m[1], int(m[2]), m[3]
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * j}.{_resnet_inner(rest, RESNET_TO_SGM)}"
+    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", path)
+    if m:
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if kind == "upsamplers":
+            # Slot 2 sits behind an attention (slot 1 would be a block without one); every SDXL-style
+            # up block that has an upsampler also has attentions, and only SDXL uses these names.
+            return f"output_blocks.{i * n + layers_per_block}.2.{rest}"
+        idx = i * n + j
+        return f"output_blocks.{idx}.0.{_resnet_inner(rest, RESNET_TO_SGM)}" if kind == "resnets" \
+            else f"output_blocks.{idx}.1.{rest}"
+    return path
+
+
+def sgm_to_diffusers(path: str, layers_per_block: int = 2) -> str:
+    """The inverse of diffusers_to_sgm."""
+    n = layers_per_block + 1
+    for a, b in SGM_TO_TOP.items():
+        if path == a:
+            return b
+    m = re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)", path)
+    if m:
+        idx, slot, rest = int(m[1]), int(m[2]), m[3]
+        if idx % n == 0:
+            return f"down_blocks.{idx // n - 1}.downsamplers.0.{'conv' if rest == 'op' else rest}"
+        i, j = divmod(idx - 1, n)
+        if slot == 0:
+            return f"down_blocks.{i}.resnets.{j}.{_resnet_inner(rest, SGM_TO_RESNET)}"
+        return f"down_blocks.{i}.attentions.{j}.{rest}"
+    m = re.match(r"middle_block\.(\d+)\.(.+)", path)
+    if m:
+        slot, rest = int(m[1]), m[2]
+        if slot == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return f"mid_block.resnets.{slot // 2}.{_resnet_inner(rest, SGM_TO_RESNET)}"
+    m = re.match(r"output_blocks\.(\d+)\.(\d+)\.(.+)", path)
+    if m:
+        idx, slot, rest = int(m[1]), int(m[2]), m[3]
+        i, j = divmod(idx, n)
+        if slot == 0:
+            return f"up_blocks.{i}.resnets.{j}.{_resnet_inner(rest, SGM_TO_RESNET)}"
+        if slot == 2 or rest == "conv" or rest.startswith("conv."):
+            return f"up_blocks.{i}.upsamplers.0.{rest}"
+        return f"up_blocks.{i}.attentions.{j}.{rest}"
+    return path
+
+
+# -- whole files ----------------------------------------------------------------------------------
+def te_prefix(component: str, sdxl: bool) -> str:
+    if not sdxl:
+        return "lora_te_"
+    return "lora_te1_" if component == "text_encoder" else "lora_te2_"
+
+
+def module_name(key: str, sdxl: bool, layers_per_block: int = 2) -> str:
+    """'unet.down_blocks.1…to_q' -> 'lora_unet_input_blocks_4_1…to_q' (SDXL) / 'lora_unet_down_blocks_1…' (SD1/2)."""
+    component, path = split_component(key)
+    if component == "unet":
+        if sdxl:
+            path = diffusers_to_sgm(path, layers_per_block)
+        return "lora_unet_" + path.replace(".", "_")
+    return te_prefix(component, sdxl) + path.replace(".", "_")
+
+
+def to_kohya(adapter: Adapter, sdxl: bool, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    """Every module with lora_down, lora_up and a nonzero 0-dim alpha (FORMATS.md §0.2)."""
+    out = {}
+    for key, m in adapter.modules.items():
+        name = module_name(key, sdxl, layers_per_block)
+        out[f"{name}.lora_down.weight"] = m.A.contiguous()
+        out[f"{name}.lora_up.weight"] = m.B.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha else m.rank))
+    return out
+
+
+# Suffixes kohya-family writers use, including diffusers' convert_state_dict_to_kohya leaving
+# `_lora.down.weight` on UNet keys it did not convert (FORMATS.md §1.4).
+_SUFFIXES = (
+    (".lora_down.weight", "A"), (".lora_up.weight", "B"), (".alpha", "alpha"),
+    ("_lora.down.weight", "A"), ("_lora.up.weight", "B"),
+    ("_lora_linear_layer.down.weight", "A"), ("_lora_linear_layer.up.weight", "B"),
+    (".lora_A.weight", "A"), (".lora_B.weight", "B"),
+)
+_UNSUPPORTED = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)",
+                "dora_scale": "DoRA", "oft_": "OFT", ".diff": "full-weight difference", "w_norm": "norm"}
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: int = 2) -> dict[str, LoraModule]:
+    """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        for marker, what in _UNSUPPORTED.items():
+            if marker in key:
+                raise ValueError(f"{what} adapters are not supported (key {key})")
+        for suffix, role in _SUFFIXES:
+            if key.endswith(suffix):
+                parts.setdefault(key[: -len(suffix)], {})[role] = t
+                break
+        else:
+            raise ValueError(f"unrecognised key {key}")
+    modules = {}
+    for name, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise ValueError(f"module {name} lacks its {'lora_up' if 'A' in p else 'lora_down'} weight")
+        for prefix in PREFIXES:
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                break
+        else:
+            raise ValueError(f"key {name} does not start with one of {', '.join(PREFIXES)}")
+        path = parse_name(rest)
+        if prefix == "lora_unet_":
+            component = "unet"
+            if path.startswith(("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb")):
+                path = sgm_to_diffusers(path, layers_per_block)
+        else:
+            component = "text_encoder_2" if prefix == "lora_te2_" else "text_encoder"
+        A, B = p["A"], p["B"]
+        rank = A.shape[0]
+        alpha = float(p["alpha"].item()) if "alpha" in p else float(rank)  # no alpha: scale 1 (FORMATS.md §2)
+        if alpha == 0:
+            # kohya reads 0 as "= rank", ComfyUI/A1111/PEFT as "disabled": refuse to guess (FORMATS.md §2).
+            raise ValueError(f"module {name} has alpha 0, which tools read differently (rank or disabled); "
+                             "re-export it with alpha = rank")
+        modules[f"{component}.{path}"] = LoraModule(A, B, alpha)
+    return modules

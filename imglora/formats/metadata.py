@@ -1,0 +1,74 @@
+"""Header metadata: kohya's ss_* set, Stability's modelspec.*, and imglora's own config (FORMATS.md §4)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from ..lora.state import Adapter
+
+ARCH_INFO = {
+    # arch: (ss_base_model_version, modelspec.architecture, implementation, resolution)
+    "sd1": ("sd_v1", "stable-diffusion-v1/lora", "diffusers", "512x512"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512/lora", "diffusers", "512x512"),
+    "sd2-v": ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "diffusers", "768x768"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models",
+             "1024x1024"),
+}
+CONFIG_KEY = "imglora.config"
+
+
+def arch_key(arch: str, prediction: str = "epsilon") -> str:
+    return "sd2-v" if arch == "sd2" and prediction == "v_prediction" else arch
+
+
+def build_metadata(adapter: Adapter, arch: str, name: str, prediction: str = "epsilon", resolution: int | None = None,
+                   config: dict | None = None, extra: dict | None = None) -> dict[str, str]:
+    """The ss_* minimum set and useful extras, modelspec.*, and the training config as JSON; all strings."""
+    base_version, spec_arch, impl, default_res = ARCH_INFO.get(arch_key(arch, prediction), ARCH_INFO["sd1"])
+    ranks = adapter.ranks()
+    conv = [m for m in adapter.modules.values() if m.A.dim() == 4 and m.A.shape[-1] > 1]
+    linear = [m for m in adapter.modules.values() if m not in conv]
+    rank = max(ranks, key=ranks.get) if ranks else 0
+    network_args = {}
+    if conv:
+        network_args = {"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)}
+    ref = linear or conv
+    uniform_alpha = len({m.alpha for m in ref}) == 1
+    res = f"{resolution}x{resolution}" if resolution else default_res
+    meta = {
+        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": base_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ref[0].rank if ref and len({m.rank for m in ref}) == 1 else rank),
+        "ss_network_alpha": str(ref[0].alpha) if ref and uniform_alpha else "Dynamic",
+        "ss_network_args": json.dumps(network_args),
+        "ss_output_name": name,
+        "ss_resolution": f"({resolution}, {resolution})" if resolution else "",
+        "ss_training_comment": "made with imglora",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": spec_arch,
+        "modelspec.implementation": impl,
+        "modelspec.title": name,
+        "modelspec.resolution": res,
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+    }
+    if config is not None:
+        meta[CONFIG_KEY] = json.dumps(config, sort_keys=True, default=str)
+    for k, v in (extra or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    return {k: v for k, v in meta.items() if v != ""}
+
+
+def arch_from_metadata(metadata: dict[str, str]) -> str | None:
+    """A1111's rule (FORMATS.md §5.3), extended with modelspec."""
+    version = metadata.get("ss_base_model_version", "")
+    spec = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2") or spec.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None

@@ -1,0 +1,112 @@
+"""The one generation path: the CLI, training samples and the app all call `generate`.
+
+It runs the diffusers pipeline itself with the model's own scheduler and CPU generators, so an
+image equals what diffusers gives for the same arguments and adapters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .formats.files import atomic_write
+from .lora.adapters import Adapters
+from .models.load import model_defaults, pipeline_arch
+
+
+@dataclass
+class GenerateArgs:
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1
+    blends: list[dict[str, float]] | None = None  # one blend per image (a comparison grid)
+    adapters: dict[str, float] = field(default_factory=dict)  # name -> weight, for the PNG parameters text
+
+
+def resolved(pipe, args: GenerateArgs) -> GenerateArgs:
+    """Fill unset steps/guidance/size from the model's defaults (imglora.json), then diffusers' own."""
+    d = model_defaults(pipe)
+    arch, _ = pipeline_arch(pipe)
+    size = d.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return GenerateArgs(
+        prompt=args.prompt, negative=args.negative, seed=args.seed,
+        steps=args.steps or d.get("steps", 50),
+        guidance=args.guidance if args.guidance is not None else d.get("guidance", 5.0 if arch == "sdxl" else 7.5),
+        width=args.width or size, height=args.height or size, batch=args.batch, blends=args.blends,
+        adapters=dict(args.adapters))
+
+
+@torch.no_grad()
+def generate(pipe, args: GenerateArgs, adapters: Adapters | None = None, progress: bool = False) -> list[Image.Image]:
+    """Images for one prompt. With `blends`, image i uses blends[i] in the same forward pass, all with
+    the same seed, so a grid differs only by blend; otherwise image i uses seed + i."""
+    a = resolved(pipe, args)
+    n = len(a.blends) if a.blends else a.batch
+    seeds = [a.seed] * n if a.blends else [a.seed + i for i in range(n)]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    if a.blends:
+        if adapters is None:
+            raise ValueError("blends need the pipeline's adapters")
+        adapters.set_sample_weights(a.blends)
+    pipe.set_progress_bar_config(disable=not progress)
+    try:
+        out = pipe(prompt=[a.prompt] * n, negative_prompt=[a.negative] * n if a.negative else None,
+                   num_inference_steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height,
+                   generator=generators[0] if n == 1 else generators)
+    finally:
+        if a.blends:
+            adapters.set_sample_weights(None)
+    return out.images
+
+
+def parameters_text(pipe, args: GenerateArgs, seed: int, blend: dict[str, float] | None = None) -> str:
+    """A1111's `parameters` PNG text; adapters appear as <lora:name:weight> in the prompt."""
+    a = resolved(pipe, args)
+    weights = blend if blend is not None else a.adapters
+    loras = " ".join(f"<lora:{name}:{w:g}>" for name, w in weights.items() if w)
+    prompt = f"{a.prompt} {loras}".strip()
+    sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "")
+    model = os.path.basename(str(getattr(pipe, "_imglora_path", "") or "model").rstrip("/"))
+    lines = [prompt]
+    if a.negative:
+        lines.append(f"Negative prompt: {a.negative}")
+    lines.append(f"Steps: {a.steps}, Sampler: {sampler}, CFG scale: {a.guidance:g}, Seed: {seed}, "
+                 f"Size: {a.width}x{a.height}, Model: {model}, Version: imglora")
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False):
+    """Write a PNG atomically, with its generation parameters in the `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None,
+               row_labels: list[str] | None = None) -> Image.Image:
+    """Images in a grid, each with an optional caption strip under it."""
+    from PIL import ImageDraw
+
+    w, h = images[0].size
+    strip = 14 if labels else 0
+    left = 70 if row_labels else 0
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (left + cols * w, rows * (h + strip)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = left + (i % cols) * w, (i // cols) * (h + strip)
+        grid.paste(img.convert("RGB").resize((w, h)), (x, y))
+        if labels:
+            draw.text((x + 2, y + h + 1), labels[i][: max(4, w // 6)], fill="black")
+    for r, text in enumerate(row_labels or []):
+        draw.text((2, r * (h + strip) + h // 2 - 5), text[:11], fill="black")
+    return grid

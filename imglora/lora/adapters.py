@@ -1,0 +1,217 @@
+"""All the adapters on a pipeline: create, load, blend, merge, export, remove.
+
+Layers are addressed by `component.path` (see state.py). Weights are per adapter, with an optional
+separate text-encoder weight (as A1111's te/unet multipliers), and can be set per sample.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .inject import text_encoder_targets, unet_targets, unwrap, wrap
+from .layer import LoraLayer
+from .state import COMPONENTS, Adapter, LoraModule, split_component
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the pipeline (unknown module, wrong shape, bad name)."""
+
+
+class Adapters:
+    def __init__(self, pipe_or_components):
+        if isinstance(pipe_or_components, dict):
+            parts = pipe_or_components
+        else:
+            parts = {c: getattr(pipe_or_components, c, None) for c in COMPONENTS}
+        self.components: dict[str, nn.Module] = {c: m for c, m in parts.items() if m is not None}
+        self.layers: dict[str, LoraLayer] = {}
+        self.names: list[str] = []
+        self.merged = False
+
+    # -- adding ---------------------------------------------------------------------------------
+    def targets(self, preset: str = "cross-attn", text_encoder: bool = False, te_mlp: bool = False) -> list[str]:
+        keys = [f"unet.{p}" for p in unet_targets(self.components["unet"], preset)]
+        if text_encoder:
+            for c in ("text_encoder", "text_encoder_2"):
+                if c in self.components:
+                    keys += [f"{c}.{p}" for p in text_encoder_targets(self.components[c], te_mlp)]
+        return keys
+
+    def _check_new(self, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise AdapterError(f"adapter name {name!r} must be 1-100 letters, digits, '_' or '-'")
+        if name in self.names:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+
+    def _layer(self, key: str) -> LoraLayer:
+        if key in self.layers:
+            return self.layers[key]
+        component, path = split_component(key)
+        if component not in self.components:
+            raise AdapterError(f"{key}: the pipeline has no {component}")
+        try:
+            layer = wrap(self.components[component], path)
+        except AttributeError:
+            raise AdapterError(f"{key}: no such module in the {component}") from None
+        except ValueError as e:
+            raise AdapterError(f"{key}: {e}") from None
+        self.layers[key] = layer
+        return layer
+
+    def create(self, name: str, keys: list[str], rank: int = 4, alpha: float | None = None,
+               conv_rank: int | None = None, conv_alpha: float | None = None, init: str = "kaiming",
+               dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
+        """A new trainable adapter on `keys`; returns its parameters (the only ones that require grad)."""
+        self._check_new(name)
+        alpha = float(rank if alpha is None else alpha)
+        for key in keys:
+            layer = self._layer(key)
+            spatial = layer.is_conv and layer.base.kernel_size != (1, 1)
+            r, a = (conv_rank or rank, conv_alpha if conv_alpha is not None else alpha) if spatial else (rank, alpha)
+            layer.add(name, r, a, init=init, dropout=dropout, dtype=dtype)
+        self.names.append(name)
+        return self.parameters(name)
+
+    def load(self, name: str, adapter: Adapter, weight: float = 1.0, te_weight: float | None = None,
+             dtype: torch.dtype = torch.float32) -> None:
+        """Attach a trained adapter. Strict: every module must exist and every shape must fit, or nothing loads."""
+        self._check_new(name)
+        for key, module in adapter.modules.items():
+            self._check_fits(key, module)
+        for key, module in adapter.modules.items():
+            self._layer(key).load(name, module, dtype=dtype)
+        self.names.append(name)
+        self.set_weight(name, weight, te_weight)
+
+    def _check_fits(self, key: str, module: LoraModule) -> None:
+        component, path = split_component(key)
+        root = self.components.get(component)
+        if root is None:
+            raise AdapterError(f"it has {component} modules but the pipeline has no {component}")
+        try:
+            base = root.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(f"module {key} does not exist in this model") from None
+        base = base.base if isinstance(base, LoraLayer) else base
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise AdapterError(f"module {key} is a {type(base).__name__}, not a Linear or Conv2d")
+        w = base.weight
+        conv = isinstance(base, nn.Conv2d)
+        a_in = module.A.shape[1:] if conv else module.A.reshape(module.A.shape[0], -1).shape[1:]
+        want_in = tuple(w.shape[1:]) if conv else (w.shape[1],)
+        ok = (tuple(a_in) == want_in and module.B.shape[0] == w.shape[0]
+              and module.B.reshape(module.B.shape[0], -1).shape[1] == module.A.shape[0])
+        if not ok:
+            raise AdapterError(f"module {key}: shapes A {tuple(module.A.shape)}, B {tuple(module.B.shape)} do not fit "
+                               f"the model's weight {tuple(w.shape)}")
+
+    # -- blending -------------------------------------------------------------------------------
+    def set_weight(self, name: str, weight: float, te_weight: float | None = None) -> None:
+        """The blend multiplier of one adapter; te_weight (if given) applies to the text encoders."""
+        self._known(name)
+        for key, layer in self.layers.items():
+            if name in layer.weights:
+                is_te = not key.startswith("unet.")
+                layer.weights[name] = float(te_weight if (is_te and te_weight is not None) else weight)
+                layer._changed()
+        self._remerge()
+
+    def weights(self) -> dict[str, float]:
+        out = {}
+        for layer in self.layers.values():
+            for n, w in layer.weights.items():
+                out.setdefault(n, w)
+        return out
+
+    def enable(self, name: str, on: bool = True) -> None:
+        self._known(name)
+        for layer in self.layers.values():
+            if name in layer.enabled:
+                layer.enabled[name] = on
+                layer._changed()
+        self._remerge()
+
+    def set_sample_weights(self, rows: list[dict[str, float]] | None) -> None:
+        """One blend per sample: rows[i] maps adapter name -> weight for sample i (None to clear)."""
+        if rows is not None and self.merged:
+            raise AdapterError("unmerge before using per-sample weights")
+        names = sorted({n for row in rows for n in row}) if rows else []
+        for n in names:
+            self._known(n)
+        for layer in self.layers.values():
+            if rows is None:
+                layer.sample_weights, layer.sample_names = None, []
+                continue
+            present = [n for n in names if n in layer.A]
+            layer.sample_names = present
+            # A layer holding none of them gets a (n, 0) table: the base for every sample.
+            layer.sample_weights = torch.tensor([[float(row.get(n, 0.0)) for n in present] for row in rows]).reshape(
+                len(rows), len(present))
+            layer._changed()
+
+    def merge(self) -> None:
+        """Fold the current blend into the base weights: no per-step cost until the blend changes."""
+        for layer in self.layers.values():
+            layer.merge()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+        self.merged = False
+
+    def _remerge(self) -> None:
+        if self.merged:
+            for layer in self.layers.values():
+                layer.merge()
+
+    # -- reading and removing -------------------------------------------------------------------
+    def _known(self, name: str) -> None:
+        if name not in self.names:
+            raise AdapterError(f"no adapter named {name!r} is loaded")
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        self._known(name)
+        return [p for layer in self.layers.values() if name in layer.A for p in (layer.A[name], layer.B[name])]
+
+    def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        out = {}
+        for key, layer in self.layers.items():
+            if name in layer.A:
+                out[f"{key}.A"], out[f"{key}.B"] = layer.A[name], layer.B[name]
+        return out
+
+    def export(self, name: str) -> Adapter:
+        """The adapter's weights as detached float32 CPU tensors."""
+        self._known(name)
+        modules = {}
+        for key, layer in self.layers.items():
+            if name in layer.A:
+                m = layer.module(name)
+                modules[key] = LoraModule(m.A.float().cpu().clone(), m.B.float().cpu().clone(), m.alpha)
+        return Adapter(modules)
+
+    def remove(self, name: str) -> None:
+        self._known(name)
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        for key in list(self.layers):
+            layer = self.layers[key]
+            layer.remove(name)
+            if not layer.A:
+                component, path = split_component(key)
+                unwrap(self.components[component], path)
+                del self.layers[key]
+        self.names.remove(name)
+        if was_merged and self.names:
+            self.merge()
+
+    def remove_all(self) -> None:
+        for name in list(self.names):
+            self.remove(name)

@@ -1,0 +1,202 @@
+"""A frozen Linear or Conv2d with any number of named low-rank adapters, applied in one fused step.
+
+y = base(x) + B_cat · diag(s) · A_cat · x, where A_cat stacks every active adapter's A along the
+rank axis, B_cat their B's, and s holds weight·alpha/rank for each rank column. However many
+adapters are active, that is one extra pair of matmuls (convolutions for Conv2d). With per-sample
+weights, s becomes one row per sample, so one batch can render several blends at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import LoraModule
+
+
+class LoraLayer(nn.Module):
+    def __init__(self, base: nn.Linear | nn.Conv2d):
+        super().__init__()
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise ValueError("LoRA on grouped convolutions is not supported")
+        self.base = base
+        self.is_conv = isinstance(base, nn.Conv2d)
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+        self.alphas: dict[str, float] = {}
+        self.weights: dict[str, float] = {}  # the user's blend multiplier per adapter
+        self.enabled: dict[str, bool] = {}
+        self.dropouts: dict[str, float] = {}
+        # (n_samples, n_active) multipliers; the batch is tiled over it (CFG doubles the batch).
+        self.sample_weights: torch.Tensor | None = None
+        self.sample_names: list[str] = []
+        self._backup: torch.Tensor | None = None  # the exact base weight while merged
+        self._cache: tuple | None = None
+
+    def __getattr__(self, name: str):
+        # Code that inspects the wrapped layer (weight.dtype, in_features, ...) still works.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)
+
+    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        """The shape A must have after its rank axis."""
+        w = self.base.weight
+        return tuple(w.shape[1:])
+
+    @property
+    def out_dim(self) -> int:
+        return self.base.weight.shape[0]
+
+    def add(self, name: str, rank: int, alpha: float, init: str = "kaiming", dropout: float = 0.0,
+            dtype: torch.dtype = torch.float32) -> None:
+        """A new trainable adapter: A random, B zero, so the output starts exactly at the base."""
+        device = self.base.weight.device
+        A = torch.empty((rank, *self.in_dims), device=device, dtype=dtype)
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.zeros((self.out_dim, rank) + ((1, 1) if self.is_conv else ()), device=device, dtype=dtype)
+        self._store(name, A, B, alpha, dropout)
+
+    def load(self, name: str, module: LoraModule, dtype: torch.dtype = torch.float32) -> None:
+        """Attach trained weights; shapes must fit this layer."""
+        device = self.base.weight.device
+        A = module.A.reshape(module.A.shape[0], *self.in_dims) if not self.is_conv else module.A
+        B = module.B.reshape(self.out_dim, module.B.shape[1], *((1, 1) if self.is_conv else ()))
+        self._store(name, A.to(device, dtype), B.to(device, dtype), module.alpha, 0.0, trainable=False)
+
+    def _store(self, name, A, B, alpha, dropout, trainable=True):
+        self.A[name] = nn.Parameter(A.contiguous(), requires_grad=trainable)
+        self.B[name] = nn.Parameter(B.contiguous(), requires_grad=trainable)
+        self.alphas[name] = float(alpha)
+        self.weights.setdefault(name, 1.0)
+        self.enabled[name] = True
+        self.dropouts[name] = dropout
+        self._changed()
+
+    def remove(self, name: str) -> None:
+        for d in (self.A, self.B):
+            if name in d:
+                del d[name]
+        for d in (self.alphas, self.weights, self.enabled, self.dropouts):
+            d.pop(name, None)
+        self._changed()
+
+    def module(self, name: str) -> LoraModule:
+        return LoraModule(self.A[name].detach(), self.B[name].detach(), self.alphas[name])
+
+    def active(self) -> list[str]:
+        if self.sample_weights is not None:
+            return self.sample_names
+        return [n for n in self.A.keys() if self.enabled[n] and self.weights[n] != 0.0]
+
+    def _changed(self) -> None:
+        self._cache = None
+
+    # -- math -----------------------------------------------------------------------------------
+    def delta(self, names: list[str] | None = None) -> torch.Tensor:
+        """Σ weight·(alpha/rank)·B·A over the active adapters, in float32, shaped like the base weight."""
+        total = torch.zeros_like(self.base.weight, dtype=torch.float32)
+        for n in self.active() if names is None else names:
+            total += self.weights[n] * self.module(n).delta().to(total.device)
+        return total
+
+    def _scales(self, names: list[str], device) -> torch.Tensor:
+        """weight·alpha/rank for every rank column of the stack, shape (R,)."""
+        return torch.cat([torch.full((self.A[n].shape[0],), self.weights[n] * self.alphas[n] / self.A[n].shape[0],
+                                     device=device) for n in names])
+
+    def _stack(self, names: list[str]):
+        A = self.A[names[0]] if len(names) == 1 else torch.cat([self.A[n] for n in names], 0)
+        B = self.B[names[0]] if len(names) == 1 else torch.cat([self.B[n] for n in names], 1)
+        return A, B
+
+    def _per_sample(self, names: list[str], batch: int, device) -> torch.Tensor:
+        """(batch, R) column scales for per-sample weights, the sample rows tiled over the batch."""
+        n = self.sample_weights.shape[0]
+        if batch % n:
+            raise ValueError(f"batch of {batch} is not a multiple of the {n} per-sample weights")
+        ranks = torch.tensor([self.A[m].shape[0] for m in names], device=device)
+        per_col = torch.repeat_interleave(torch.tensor([self.alphas[m] for m in names], device=device) / ranks, ranks)
+        cols = torch.repeat_interleave(self.sample_weights.to(device), ranks, dim=1) * per_col
+        return cols.repeat(batch // n, 1)
+
+    def _frozen_stack(self, names: list[str], dtype):
+        """Inference: A_cat and diag(s)·B_cat folded and cast once, reused until anything changes."""
+        key = (tuple(names), tuple(self.weights[n] for n in names), dtype,
+               tuple(self.A[n]._version for n in names), tuple(self.B[n]._version for n in names))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                A, B = self._stack(names)
+                s = self._scales(names, A.device)
+                B = B * (s.view(1, -1, 1, 1) if self.is_conv else s)
+                self._cache = (key, A.to(dtype), B.to(dtype))
+        return self._cache[1], self._cache[2]
+
+    def _down(self, x, A):
+        if self.is_conv:
+            b = self.base
+            return F.conv2d(x, A, None, b.stride, b.padding, b.dilation)
+        return F.linear(x, A)
+
+    def _up(self, h, B):
+        return F.conv2d(h, B) if self.is_conv else F.linear(h, B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self._backup is not None:  # merged: the base weight already holds the blend
+            return out
+        names = self.active()
+        if not names:
+            return out
+        needs_grad = torch.is_grad_enabled() and any(self.A[n].requires_grad for n in names)
+        if self.training and any(self.dropouts[n] > 0 for n in names):
+            # Each adapter sees its own dropout mask, so it cannot share the stacked matmul.
+            for n in names:
+                h = self._down(F.dropout(x.to(self.A[n].dtype), self.dropouts[n]), self.A[n])
+                out = out + (self._up(h, self.B[n]) * (self.weights[n] * self.alphas[n] / self.A[n].shape[0])).to(out.dtype)
+            return out
+        if self.sample_weights is not None:
+            A, B = self._stack(names)
+            h = self._down(x.to(A.dtype), A)
+            s = self._per_sample(names, x.shape[0], x.device).to(h.dtype)
+            h = h * (s.view(*s.shape, 1, 1) if self.is_conv else s.view(s.shape[0], *([1] * (h.dim() - 2)), -1))
+            return out + self._up(h, B).to(out.dtype)
+        if needs_grad:
+            A, B = self._stack(names)
+            h = self._down(x.to(A.dtype), A)
+            s = self._scales(names, x.device).to(h.dtype)
+            h = h * (s.view(1, -1, 1, 1) if self.is_conv else s)
+            return out + self._up(h, B).to(out.dtype)
+        A, B = self._frozen_stack(names, x.dtype)
+        return out + self._up(self._down(x, A), B)
+
+    # -- merging --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active blend into the base weight (again, from the exact original, if merged)."""
+        if self.sample_weights is not None:
+            raise ValueError("per-sample weights cannot be merged into the base weights")
+        w = self.base.weight
+        if self._backup is None:
+            self._backup = w.detach().clone()
+        w.copy_((self._backup.float() + self.delta()).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the bit-identical original base weight."""
+        if self._backup is not None:
+            self.base.weight.copy_(self._backup)
+            self._backup = None
+
+    @property
+    def merged(self) -> bool:
+        return self._backup is not None

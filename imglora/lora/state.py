@@ -1,0 +1,67 @@
+"""The in-memory form of a LoRA adapter, independent of any file's key format.
+
+Modules are keyed by their full diffusers path with the pipeline component in front:
+`unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q`,
+`text_encoder.text_model.encoder.layers.0.self_attn.q_proj`, `text_encoder_2.…`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: ΔW = (alpha / rank) · B @ A."""
+
+    A: torch.Tensor  # (rank, in) for Linear; (rank, in, kh, kw) for Conv2d
+    B: torch.Tensor  # (out, rank) for Linear; (out, rank, 1, 1) for Conv2d
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in float32, shaped like the base weight."""
+        A, B = self.A.float(), self.B.float()
+        if A.dim() == 2:
+            return self.scale * (B @ A)
+        # Conv: a k×k down conv followed by a 1×1 up conv is one k×k conv with weight B·A.
+        return self.scale * torch.einsum("or,rihw->oihw", B.flatten(1), A)
+
+
+@dataclass
+class Adapter:
+    """A whole adapter: its modules, the file metadata it came with, and what it was made for."""
+
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    arch: str = "unknown"  # "sd1", "sd2", "sdxl" or "unknown"
+
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
+
+    def ranks(self) -> Counter:
+        return Counter(m.rank for m in self.modules.values())
+
+    def alphas(self) -> Counter:
+        return Counter(m.alpha for m in self.modules.values())
+
+    def num_parameters(self) -> int:
+        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+
+
+def split_component(key: str) -> tuple[str, str]:
+    """'unet.down_blocks.0…' -> ('unet', 'down_blocks.0…')."""
+    component, _, path = key.partition(".")
+    return component, path

@@ -1,0 +1,111 @@
+"""Loading base models offline: a diffusers folder, a single checkpoint file, or the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ImgloraError
+
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def pipeline_arch(pipe) -> tuple[str, str]:
+    """(arch, prediction type): sd1, sd2 or sdxl; epsilon or v_prediction."""
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl", prediction
+    cfg = pipe.unet.config
+    sd2 = cfg.cross_attention_dim == 1024 or (cfg.use_linear_projection and cfg.cross_attention_dim != 768)
+    return ("sd2" if sd2 else "sd1"), prediction
+
+
+def layers_per_block(unet) -> int:
+    lpb = unet.config.layers_per_block
+    return lpb if isinstance(lpb, int) else lpb[0]
+
+
+def model_defaults(pipe) -> dict:
+    """Generation defaults a model folder may carry in imglora.json (the embedded model does)."""
+    path = getattr(pipe, "_imglora_path", None)
+    if path and (Path(path) / "imglora.json").is_file():
+        return json.loads((Path(path) / "imglora.json").read_text())
+    return {}
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    if model is None:
+        from .embedded import default_model_path
+
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ImgloraError("no such model folder or file", "pass a local diffusers folder or a .safetensors checkpoint",
+                           path=path)
+    return path
+
+
+def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  config: str | os.PathLike | None = None):
+    """A Stable Diffusion (1.x/2.x) or SDXL pipeline from local files only; never downloads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model(model)
+    if path.is_dir():
+        pipe = _load_folder(path, dtype)
+    else:
+        pipe = _load_single_file(path, dtype, config)
+    pipe._imglora_path = str(path)
+    return pipe.to(device)
+
+
+def _load_folder(path: Path, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ImgloraError("not a diffusers model folder (no model_index.json)",
+                           "pass the folder that holds model_index.json, or a .safetensors checkpoint", path=path)
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except ValueError as e:
+        raise ImgloraError(f"unreadable model_index.json ({e})", "repair or re-download the model", path=index) from None
+    cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+    if name not in PIPELINE_CLASSES:
+        raise ImgloraError(f"a {name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL",
+                           "imglora trains SD 1.x, SD 2.x and SDXL pipelines", path=path)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    try:
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ImgloraError(f"cannot load the model ({str(e).splitlines()[0]})",
+                           "check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler)",
+                           path=path) from None
+
+
+def _load_single_file(path: Path, dtype, config):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ImgloraError("not a model checkpoint", "pass a diffusers folder or a .safetensors/.ckpt file", path=path)
+    if config is None:
+        raise ImgloraError("a single-file checkpoint needs its pipeline config, and nothing is downloaded",
+                           "pass --model-config DIR: a local diffusers folder of the same architecture (its "
+                           "model_index.json and component configs are used)", path=path)
+    if path.suffix == ".ckpt":
+        # weights_only=True always (RELIABILITY.md §1): a pickle can run code.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ImgloraError(f"refused to load the pickle ({str(e).splitlines()[0][:200]})",
+                               "convert it to .safetensors with a trusted tool", path=path) from None
+        del state
+    name = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
+    cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+    try:
+        return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
+    except Exception as e:
+        raise ImgloraError(f"cannot load the checkpoint ({str(e).splitlines()[0][:200]})",
+                           "check that --model-config matches the checkpoint's architecture", path=path) from None
