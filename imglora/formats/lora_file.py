@@ -107,3 +107,37 @@ def components_of(adapter: Adapter) -> dict[str, int]:
         c = split_component(key)[0]
         counts[c] = counts.get(c, 0) + 1
     return counts
+
+
+def adapter_name(path: str | os.PathLike, taken: list[str] = ()) -> str:
+    """A safe, unused adapter name from a file name ('my.style v2.safetensors' -> 'my_style_v2')."""
+    import re
+
+    base = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).stem)[:90] or "adapter"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def attach(adapters, path: str | os.PathLike, weight: float = 1.0, te_weight: float | None = None,
+           name: str | None = None, model_arch: str | None = None) -> str:
+    """Load a file onto a pipeline's Adapters under `name`; a file for another base model is a clear error."""
+    from ..lora.adapters import AdapterError
+    from ..models.load import layers_per_block
+
+    adapter, _ = load_adapter(path, layers_per_block(adapters.components["unet"]))
+    if model_arch and adapter.arch not in ("unknown", model_arch):
+        raise ImgloraError(f"an adapter for {ARCH_NAMES.get(adapter.arch, adapter.arch)}, but the model is "
+                           f"{ARCH_NAMES.get(model_arch, model_arch)}", "use an adapter trained for this base model",
+                           path=path)
+    name = name or adapter_name(path, adapters.names)
+    try:
+        adapters.load(name, adapter, weight, te_weight)
+    except AdapterError as e:
+        raise ImgloraError(f"does not fit this model: {e}", "use an adapter trained for this base model",
+                           path=path) from None
+    return name
+
+
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "an unknown model"}

@@ -1,0 +1,188 @@
+"""The `imglora` command: each subcommand parses its flags and makes one library call.
+
+Errors in the user's input surface as one line `imglora: FILE: what — what to do` and exit code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import ImgloraError
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """'file.safetensors:0.7' -> (file, 0.7); no ':WEIGHT' means 1.0."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# -- generate -------------------------------------------------------------------------------------
+def generate_command(args) -> None:
+    from .formats.lora_file import attach
+    from .generate import GenerateArgs, generate, parameters_text, save_png
+    from .lora.adapters import Adapters
+    from .models.load import load_pipeline, pipeline_arch
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    adapters = Adapters(pipe)
+    weights = {}
+    for spec in args.lora:
+        path, weight = parse_weighted(spec)
+        weights[attach(adapters, path, weight, model_arch=pipeline_arch(pipe)[0])] = weight
+    ga = GenerateArgs(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
+                      batch=args.batch, adapters=weights)
+    images = generate(pipe, ga, adapters, progress=True)
+    for i, image in enumerate(images):
+        out = _output_name(args.out, i, len(images), args.overwrite)
+        save_png(image, out, parameters_text(pipe, ga, args.seed + i), overwrite=args.overwrite)
+        print(out)
+
+
+def _output_name(out: str | None, i: int, n: int, overwrite: bool) -> Path:
+    """The requested name (numbered for a batch); with no --out, the first free imglora-NNNNN.png."""
+    if out:
+        p = Path(out)
+        return p if n == 1 else p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}")
+    k = 0
+    while Path(f"imglora-{k:05d}.png").exists():
+        k += 1
+    return Path(f"imglora-{k:05d}.png")
+
+
+# -- inspect / convert / merge / resize -----------------------------------------------------------
+def inspect_command(args) -> None:
+    from .formats.inspect import describe, render
+
+    info = describe(args.file)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else render(info))
+
+
+def convert_command(args) -> None:
+    from .formats.lora_file import load_adapter, save_adapter
+
+    adapter, fmt = load_adapter(args.input)
+    if args.arch:
+        adapter.arch = args.arch
+    save_adapter(args.output, adapter, fmt="kohya" if args.to == "kohya" else "peft", overwrite=args.overwrite)
+    print(f"{args.input} ({fmt}) -> {args.output} ({args.to}, {len(adapter.modules)} modules)")
+
+
+def merge_command(args) -> None:
+    from .formats.lora_file import load_adapter, save_adapter
+    from .formats.metadata import build_metadata
+    from .ops.merge import merge
+
+    parts = [(load_adapter(p)[0], w) for p, w in map(parse_weighted, args.inputs)]
+    try:
+        merged, energy = merge(parts, args.rank)
+    except ValueError as e:
+        raise ImgloraError(str(e), "merge adapters made for the same base model") from None
+    sources = [{"file": os.path.basename(p), "weight": w} for p, w in map(parse_weighted, args.inputs)]
+    meta = build_metadata(merged, merged.arch, Path(args.output).stem,
+                          extra={"modelspec.merged_from": ", ".join(s["file"] for s in sources),
+                                 "imglora.merged_from": sources})
+    save_adapter(args.output, merged, fmt="kohya" if args.to == "kohya" else "peft", metadata=meta,
+                 overwrite=args.overwrite)
+    ranks = sorted(set(merged.ranks()))
+    print(f"{args.output}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}"
+          + (f", {energy.line()}" if energy else " (exact concatenation)"))
+
+
+def resize_command(args) -> None:
+    from .formats.lora_file import load_adapter, save_adapter
+    from .ops.resize import resize
+
+    adapter, _ = load_adapter(args.input)
+    small, energy = resize(adapter, args.rank)
+    meta = dict(adapter.metadata)
+    meta.update({"ss_network_dim": str(args.rank), "ss_network_alpha": str(float(args.rank))})
+    save_adapter(args.output, small, metadata=meta, overwrite=args.overwrite)
+    print(f"{args.output}: rank {args.rank}, {energy.line()}")
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images with adapters blended")
+    g.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file, repeatable")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--batch", type=int, default=1, help="images, with seeds SEED, SEED+1, ...")
+    g.add_argument("--out", help="output PNG (default: the next free imglora-NNNNN.png)")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.set_defaults(func=generate_command)
+
+    i = sub.add_parser("inspect", help="format, base model, rank, alpha, targets and metadata of an adapter")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=inspect_command)
+
+    c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=convert_command)
+
+    m = sub.add_parser("merge", help="blend adapters into one file (exact, or SVD to --rank)")
+    m.add_argument("output")
+    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
+    m.add_argument("--rank", type=int)
+    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=merge_command)
+
+    r = sub.add_parser("resize", help="lower an adapter's rank by SVD")
+    r.add_argument("input")
+    r.add_argument("output")
+    r.add_argument("--rank", type=int, required=True)
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=resize_command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ImgloraError as e:
+        if args.debug:
+            raise
+        print(f"imglora: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imglora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`imglora inspect`: what an adapter file is, for people (render) and machines (describe)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from ..lora.state import split_component
+from .lora_file import ARCH_NAMES, load_adapter
+
+JSON_KEYS = ("ss_tag_frequency", "ss_datasets", "ss_network_args", "imglora.config", "lora_adapter_metadata",
+             "imglora.merged_from", "ss_dataset_dirs")
+
+
+CONTAINERS = {"transformer_blocks", "attentions", "resnets", "downsamplers", "upsamplers", "layers", "mid_block"}
+
+
+def target_kind(path: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0' -> 'attn2.to_out'."""
+    words = [w for w in path.split(".") if not w.isdigit()]
+    cut = max((i for i, w in enumerate(words) if w in CONTAINERS), default=-1)
+    return ".".join(words[cut + 1:]) or words[-1]
+
+
+def describe(path: str | os.PathLike) -> dict:
+    adapter, fmt = load_adapter(path)
+    targets: dict[str, Counter] = {}
+    for key in adapter.modules:
+        component, p = split_component(key)
+        targets.setdefault(component, Counter())[target_kind(p)] += 1
+    metadata, warnings = {}, []
+    for k, v in sorted(adapter.metadata.items()):
+        if k in JSON_KEYS:
+            try:
+                metadata[k] = json.loads(v)
+                continue
+            except ValueError:
+                warnings.append(f"metadata {k} is not valid JSON; shown raw")
+        metadata[k] = v
+    return {
+        "file": os.fspath(path),
+        "format": fmt,
+        "base_model": adapter.arch,
+        "base_model_name": ARCH_NAMES.get(adapter.arch, adapter.arch),
+        "modules": len(adapter.modules),
+        "parameters": adapter.num_parameters(),
+        "rank": dict(sorted(adapter.ranks().items())),
+        "alpha": dict(sorted(adapter.alphas().items())),
+        "targets": {c: dict(sorted(t.items())) for c, t in targets.items()},
+        "metadata": metadata,
+        "warnings": warnings,
+    }
+
+
+def render(info: dict) -> str:
+    def counts(c: dict) -> str:
+        return ", ".join(f"{k} ({v} modules)" if len(c) > 1 else str(k) for k, v in c.items())
+
+    lines = [
+        f"file:        {info['file']}",
+        f"format:      {info['format']}",
+        f"base model:  {info['base_model_name']}",
+        f"modules:     {info['modules']} ({info['parameters']:,} parameters)",
+        f"rank:        {counts(info['rank'])}",
+        f"alpha:       {counts(info['alpha'])}",
+        "targets:",
+    ]
+    for component, kinds in info["targets"].items():
+        lines.append(f"  {component}: " + ", ".join(f"{k} ×{n}" for k, n in kinds.items()))
+    if info["metadata"]:
+        lines.append("metadata:")
+        for k, v in info["metadata"].items():
+            text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            lines.append(f"  {k}: {text if len(text) <= 300 else text[:300] + '…'}")
+    lines += [f"warning: {w}" for w in info["warnings"]]
+    return "\n".join(lines)
