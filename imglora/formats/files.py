@@ -46,15 +46,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
             head = f.read(8)
             if size == 0:
                 _reject(path, "empty file (0 bytes)")
-            if head.startswith(b"version "):
-                _reject(path, "a Git LFS pointer, not the file itself", "run `git lfs pull` in its repository")
-            if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-                _reject(path, "a PyTorch pickle, not safetensors",
-                        "convert it to .safetensors with a trusted tool; pickles can run code and are not loaded")
             if size < 8:
                 _reject(path, f"incomplete safetensors (expected at least 8 bytes, found {size})")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
+                # Not a plausible header length: say what the file is, if we can tell (RELIABILITY.md F2).
+                if head.startswith(b"version "):
+                    _reject(path, "a Git LFS pointer, not the file itself", "run `git lfs pull` in its repository")
+                if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+                    _reject(path, "a PyTorch pickle, not safetensors",
+                            "convert it to .safetensors with a trusted tool; pickles can run code and are not loaded")
                 _reject(path, f"incomplete safetensors (header of {n} bytes, but the file has {size})")
             raw = f.read(n)
     except OSError as e:

@@ -15,7 +15,7 @@ import torch
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not tensor comparison
 class LoraModule:
     """One adapted layer: ΔW = (alpha / rank) · B @ A."""
 

@@ -94,7 +94,7 @@ def tiny_sd_pipeline(tmp_dir: str | os.PathLike, seed: int = 0, v_prediction: bo
                         norm_num_groups=4, sample_size=16)
     text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon")
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction" if v_prediction else "epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
