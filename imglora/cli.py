@@ -116,6 +116,13 @@ def resize_command(args) -> None:
     print(f"{args.output}: rank {args.rank}, {energy.line()}")
 
 
+def ui_command(args) -> None:
+    from ui.app import launch  # the app lives beside the library; only this edge imports it
+
+    launch(model=args.model, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth,
+           share=args.share, device=args.device, max_upload_mb=args.max_upload_mb)
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
@@ -166,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, required=True)
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=resize_command)
+
+    u = sub.add_parser("ui", help="open the web app to blend and compare adapters")
+    u.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
+    u.add_argument("--adapters", default="adapters", help="folder of .safetensors adapters (default: ./adapters)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--auth", help="user:password required to open the app")
+    u.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    u.add_argument("--device", default="cpu")
+    u.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload accepted")
+    u.set_defaults(func=ui_command)
     return p
 
 

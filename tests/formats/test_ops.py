@@ -1,0 +1,132 @@
+"""convert, merge and resize against their definitions."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imglora.cli import main
+from imglora.formats.lora_file import load_adapter, save_adapter
+from imglora.lora.adapters import Adapters
+from imglora.lora.state import Adapter, LoraModule
+from imglora.ops.merge import concatenate, merge
+from imglora.ops.resize import resize, truncate
+
+
+def random_adapter(make_pipe, kind="sd1", preset="conv", rank=4, alpha=2.0, seed=0) -> Adapter:
+    adapters = Adapters(make_pipe(kind))
+    params = adapters.create("a", adapters.targets(preset, text_encoder=True), rank=rank, alpha=alpha,
+                             conv_rank=2, conv_alpha=3.0)
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.data = torch.randn(p.shape, generator=g)
+    adapter = adapters.export("a")
+    adapter.arch = "sdxl" if kind == "sdxl" else kind
+    return adapter
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_kohya_diffusers_kohya_round_trip_preserves_every_tensor(make_pipe, tmp_path, kind):
+    adapter = random_adapter(make_pipe, kind)
+    first = tmp_path / "first.safetensors"
+    save_adapter(first, adapter, metadata={"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"})
+    assert main(["convert", str(first), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
+    a, b = load_file(first), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    if kind == "sdxl":
+        assert any("input_blocks" in k for k in a) and any(k.startswith("lora_te2_") for k in a)
+
+
+def test_exported_kohya_file_follows_the_spec(make_pipe, tmp_path):
+    adapter = random_adapter(make_pipe, "sd1")
+    path = save_adapter(tmp_path / "x.safetensors", adapter)
+    tensors = load_file(path)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    for n in names:  # FORMATS.md §0.2: down, up and a nonzero 0-dim alpha for every module
+        assert tensors[f"{n}.lora_down.weight"].dim() in (2, 4)
+        assert tensors[f"{n}.alpha"].dim() == 0 and tensors[f"{n}.alpha"].item() != 0
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    proj_in = next(k for k in tensors if k.endswith("proj_in.lora_down.weight"))
+    assert tensors[proj_in].dim() == 4  # SD1's proj_in is a 1x1 conv: 4-D for PEFT (FORMATS.md §3)
+
+
+def _delta(adapter: Adapter, key: str) -> torch.Tensor:
+    return adapter.modules[key].delta()
+
+
+def test_merge_by_concatenation_is_exact(make_pipe):
+    a = random_adapter(make_pipe, seed=1)
+    b = random_adapter(make_pipe, preset="attn", rank=3, alpha=6.0, seed=2)
+    merged = concatenate([(a, 0.7), (b, -0.3)])
+    assert set(merged.modules) == set(a.modules) | set(b.modules)
+    for key in merged.modules:
+        expected = sum(w * _delta(x, key) for x, w in ((a, 0.7), (b, -0.3)) if key in x.modules)
+        assert torch.allclose(_delta(merged, key), expected, atol=1e-5)
+
+
+def test_svd_merge_and_resize_match_the_best_low_rank_approximation(make_pipe):
+    a = random_adapter(make_pipe, seed=1)
+    b = random_adapter(make_pipe, seed=2)
+    low, energy = merge([(a, 0.5), (b, 0.5)], rank=3)
+    kept = total = 0.0
+    for key, m in low.modules.items():
+        full = 0.5 * _delta(a, key) + 0.5 * _delta(b, key)
+        S = torch.linalg.svdvals(full.flatten(1).double())
+        k = min(3, S.numel())
+        best_error = (S[k:] ** 2).sum().sqrt()
+        error = torch.linalg.norm((_delta(low, key) - full).flatten(1).double())
+        assert torch.allclose(error, best_error, rtol=1e-3, atol=1e-4), key  # Eckart-Young optimum
+        assert m.rank <= 3
+        kept, total = kept + float((S[:k] ** 2).sum()), total + float((S ** 2).sum())
+    assert energy.kept == pytest.approx(kept / total, rel=1e-4)
+    same, energy = resize(a, 100)  # more rank than there is: lossless
+    assert energy.kept == pytest.approx(1.0)
+    assert all(torch.allclose(_delta(same, k), _delta(a, k), atol=1e-4) for k in a.modules)
+
+
+def test_truncate_without_forming_the_product():
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(50, 8, generator=g), torch.randn(8, 70, generator=g)
+    nb, na, kept, total = truncate(B, A, 8)
+    assert torch.allclose(nb @ na, B @ A, atol=1e-4) and kept == pytest.approx(total)
+
+
+def test_merge_refuses_mixed_base_models(make_pipe, tmp_path):
+    a = random_adapter(make_pipe, "sd1")
+    b = random_adapter(make_pipe, "sdxl")
+    save_adapter(tmp_path / "a.safetensors", a, metadata={"ss_base_model_version": "sd_v1"})
+    save_adapter(tmp_path / "b.safetensors", b, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    assert main(["merge", str(tmp_path / "m.safetensors"), f"{tmp_path}/a.safetensors:0.5",
+                 f"{tmp_path}/b.safetensors:0.5"]) == 2
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_merge_cli_records_sources(make_pipe, tmp_path, capsys):
+    for i in range(2):
+        save_adapter(tmp_path / f"s{i}.safetensors", random_adapter(make_pipe, seed=i))
+    assert main(["merge", str(tmp_path / "m.safetensors"), f"{tmp_path}/s0.safetensors:0.7",
+                 f"{tmp_path}/s1.safetensors:0.3", "--rank", "2"]) == 0
+    assert "retained energy" in capsys.readouterr().out
+    merged, _ = load_adapter(tmp_path / "m.safetensors")
+    assert "s0.safetensors" in merged.metadata["modelspec.merged_from"]
+    assert '"weight": 0.7' in merged.metadata["imglora.merged_from"]
+    assert set(merged.ranks()) == {2}
+
+
+def test_inspect_reports_what_the_file_is(make_pipe, tmp_path, capsys):
+    save_adapter(tmp_path / "x.safetensors", random_adapter(make_pipe, "sdxl", preset="cross-attn"),
+                 metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_tag_frequency": "{not json"})
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 0
+    out = capsys.readouterr().out
+    for text in ("format:      kohya", "base model:  SDXL", "rank:        4", "attn2.to_q ×", "text_encoder_2:",
+                 "warning: metadata ss_tag_frequency is not valid JSON", "sshs_model_hash"):
+        assert text in out, text
+
+
+def test_conv_module_delta_matches_the_two_convolutions():
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule(torch.randn(3, 5, 3, 3, generator=g), torch.randn(7, 3, 1, 1, generator=g), 6.0)
+    x = torch.randn(1, 5, 8, 8, generator=g)
+    two_step = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, m.A, padding=1), m.B) * m.scale
+    assert torch.allclose(torch.nn.functional.conv2d(x, m.delta(), padding=1), two_step, atol=1e-4)
