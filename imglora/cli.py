@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import add_arguments
 from .errors import ImgloraError
 
 
@@ -116,6 +117,13 @@ def resize_command(args) -> None:
     print(f"{args.output}: rank {args.rank}, {energy.line()}")
 
 
+def train_command(args) -> None:
+    from .config import load_config
+    from .train.loop import train
+
+    train(load_config(args))
+
+
 def ui_command(args) -> None:
     from ui.app import launch  # the app lives beside the library; only this edge imports it
 
@@ -145,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     g.set_defaults(func=generate_command)
+
+    t = sub.add_parser("train", help="train an adapter on a folder of captioned images")
+    add_arguments(t)
+    t.set_defaults(func=train_command)
 
     i = sub.add_parser("inspect", help="format, base model, rank, alpha, targets and metadata of an adapter")
     i.add_argument("file")

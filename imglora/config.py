@@ -1,0 +1,193 @@
+"""Training configuration: one flat dataclass whose fields are the CLI flags and the TOML keys.
+
+Defaults, then `--config run.toml`, then flags. An unknown key or a wrong type is an error naming the
+key; cross-field checks live in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ImgloraError
+
+
+def opt(default, help: str, choices: tuple | None = None, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str | None = opt(None, "diffusers folder or .safetensors/.ckpt checkpoint (default: the embedded model)")
+    model_config: str | None = opt(None, "diffusers folder whose configs describe a single-file checkpoint")
+    data: str | None = opt(None, "folder of images with .txt/.caption captions, metadata.jsonl or N_name repeat folders")
+    reg_data: str | None = opt(None, "regularisation (class) images for prior preservation")
+    prior_loss_weight: float = opt(1.0, "loss weight of the regularisation images")
+    caption_extension: str = opt(".txt", "sidecar caption extension (.caption is also read)")
+    caption_fallback: str | None = opt(None, "caption for images without one: folder, filename, or a template "
+                                             "with {folder} and {stem}")
+    trigger: str | None = opt(None, "trigger word or prefix put in front of every caption")
+    max_bad: float = opt(0.1, "stop before training if more than this fraction of images is unusable")
+    min_image_side: int = opt(32, "images with a side shorter than this are skipped")
+    val_count: int = opt(0, "held-out images for a deterministic validation loss")
+    # output
+    output: str = opt("output", "output folder")
+    name: str = opt("lora", "adapter name: OUTPUT/NAME.safetensors")
+    save_format: str = opt("kohya", "file format", ("kohya", "diffusers"))
+    save_precision: str = opt("fp16", "tensor precision of the saved adapter", ("fp32", "fp16", "bf16"))
+    save_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    keep_last: int = opt(3, "checkpoints to keep")
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from")
+    overwrite: bool = opt(False, "replace an existing OUTPUT/NAME.safetensors")
+    sample_every: int = opt(0, "render sample images every N steps (0: only at the end if prompts are given)")
+    sample_prompts: list[str] = opt(None, "prompts for sample images (repeat the flag, or a TOML list)",
+                                    flag="--sample-prompt")
+    sample_prompts_file: str | None = opt(None, "file with one sample prompt per line")
+    sample_steps: int | None = opt(None, "inference steps for samples (default: the model's)")
+    sample_guidance: float | None = opt(None, "guidance for samples (default: the model's)")
+    val_every: int = opt(0, "validation loss every N steps (default: at each checkpoint and the end)")
+    # adapter
+    targets: str = opt("cross-attn", "UNet layers to adapt", ("cross-attn", "attn", "transformer", "conv"))
+    rank: int = opt(16, "LoRA rank r")
+    alpha: float | None = opt(None, "LoRA alpha; scale = alpha / rank (default: alpha = rank)")
+    conv_rank: int | None = opt(None, "rank of 3x3 convolutions with --targets conv (default: rank)")
+    conv_alpha: float | None = opt(None, "alpha of 3x3 convolutions (default: alpha)")
+    train_text_encoder: bool = opt(False, "also adapt the text encoder(s) q/k/v/out projections")
+    te_mlp: bool = opt(False, "with --train-text-encoder, also adapt the MLP fc1/fc2")
+    init: str = opt("kaiming", "initialisation of A", ("kaiming", "gaussian"))
+    lora_dropout: float = opt(0.0, "dropout on the adapter input")
+    # optimisation
+    steps: int | None = opt(None, "training steps (default: 500 unless --epochs is given)")
+    epochs: int | None = opt(None, "passes over the data (instead of --steps)")
+    batch_size: int = opt(4, "images per step (per process)")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-4, "learning rate of the UNet adapter")
+    text_encoder_lr: float | None = opt(None, "learning rate of the text-encoder adapter (default: --lr)")
+    optimizer: str = opt("adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt)",
+                         ("adamw", "adamw8bit", "prodigy"))
+    weight_decay: float = opt(1e-2, "AdamW weight decay")
+    lr_scheduler: str = opt("constant", "learning-rate schedule", ("constant", "cosine", "linear"))
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    seed: int = opt(0, "random seed: the same seed and data give the same adapter")
+    mixed_precision: str = opt("no", "frozen base in half precision (adapters stay fp32)", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory (slower)")
+    # data processing and loss
+    resolution: int | None = opt(None, "training resolution (default: the model's native size)")
+    bucket_step: int = opt(64, "aspect-ratio bucket side step in pixels")
+    min_bucket: int | None = opt(None, "smallest bucket side (default: max(step, resolution/2))")
+    max_bucket: int | None = opt(None, "largest bucket side (default: 2 x resolution)")
+    no_upscale: bool = opt(False, "never upscale small images; give them their own bucket")
+    crop: str = opt("center", "crop to the bucket", ("center", "random"))
+    flip: bool = opt(False, "random horizontal flips")
+    cache_latents: str = opt("memory", "encode images once", ("memory", "disk", "none"))
+    cache_dir: str | None = opt(None, "disk latent cache folder (default: OUTPUT/.cache)")
+    cache_text: bool = opt(True, "encode captions once when the text encoder is frozen and captions are fixed")
+    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common)")
+    noise_offset: float = opt(0.0, "noise offset")
+    caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption")
+    shuffle_captions: bool = opt(False, "shuffle comma-separated tags")
+    keep_tokens: int = opt(0, "leading tags kept in place when shuffling")
+    device: str | None = opt(None, "cpu or cuda (default: accelerate's choice)")
+    workers: int = opt(2, "threads for image decoding")
+    log_every: int = opt(1, "log loss every N steps")
+
+    def __post_init__(self):
+        if self.sample_prompts is None:
+            self.sample_prompts = []
+
+    def check(self) -> None:
+        """Cross-field checks, after defaults, TOML and flags are merged."""
+        if not self.data:
+            raise ImgloraError("no training data given", "pass --data FOLDER (or data = \"...\" in the TOML)")
+        if self.steps is not None and self.epochs is not None:
+            raise ImgloraError("both --steps and --epochs given", "choose one")
+        for name in ("rank", "batch_size", "grad_accum", "bucket_step", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ImgloraError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.crop == "random" and self.cache_latents != "none":
+            raise ImgloraError("--crop random needs fresh crops every epoch, so latents cannot be cached",
+                               "add --cache-latents none, or use --crop center")
+        if not 0 <= self.caption_dropout < 1 or not 0 <= self.max_bad <= 1:
+            raise ImgloraError("--caption-dropout must be in [0, 1) and --max-bad in [0, 1]")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _base_type(tp):
+    """str | None -> str; list[str] -> list."""
+    tp = typing.get_type_hints(TrainConfig)[tp] if isinstance(tp, str) else tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return list
+    return args[0] if args and typing.get_origin(tp) is not None else tp
+
+
+def _check_type(key: str, value):
+    want = _base_type(key)
+    if value is None:
+        return value
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ImgloraError(f"config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}",
+                           "fix the TOML value")
+    choices = FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise ImgloraError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are None so that only flags actually given override the TOML."""
+    parser.add_argument("--config", help="TOML file whose keys are these flags' names (with _ for -)")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in FIELDS.items():
+        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+        tp = _base_type(hints[name])
+        kwargs = {"dest": name, "default": None, "help": f.metadata["help"]}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif tp is list:
+            parser.add_argument(flag, action="append", **kwargs)
+        else:
+            parser.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kwargs)
+
+
+def load_config(args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            toml = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ImgloraError(f"cannot read ({e.strerror})", "check the path", path=path) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ImgloraError(f"invalid TOML ({e})", "fix the syntax", path=path) from None
+        for key, value in toml.items():
+            key = key.replace("-", "_")
+            if key not in FIELDS:
+                raise ImgloraError(f"unknown config key {key!r}", "see `imglora train --help` for the keys", path=path)
+            try:
+                values[key] = _check_type(key, value)
+            except ImgloraError as e:
+                raise ImgloraError(e.what, e.fix, path=path) from None
+    for key in FIELDS:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    cfg = TrainConfig(**values)
+    cfg.check()
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

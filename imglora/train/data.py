@@ -1,0 +1,200 @@
+"""Training examples: scanned, bucketed, ordered per epoch, and turned into latents and text embeddings.
+
+Every random choice (order, crop, flip, caption dropout) comes from a generator seeded by
+(seed, epoch or step), so an interrupted run that resumes sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.buckets import assign_bucket, fit_to_bucket, make_buckets
+from ..data.captions import collect_items
+from ..data.images import load_image
+from ..data.scan import scan_items
+from ..errors import ImgloraError
+from ..formats.files import read_safetensors, write_safetensors
+
+
+@dataclass
+class Example:
+    path: Path
+    caption: str
+    bucket: tuple[int, int]  # (width, height)
+    weight: float = 1.0  # prior_loss_weight for regularisation images
+
+
+@dataclass
+class TrainData:
+    examples: list[Example]  # each repeat of a kohya N_name folder is its own entry
+    val: list[Example]
+    problems: list  # scan problems (path, reason) of skipped files
+
+    def fingerprint(self) -> str:
+        """Identifies the data a checkpoint was trained on: files, sizes, mtimes and captions."""
+        h = hashlib.sha256()
+        for e in self.examples + self.val:
+            st = e.path.stat()
+            h.update(f"{e.path}|{st.st_size}|{st.st_mtime_ns}|{e.caption}|{e.bucket}|{e.weight}\n".encode())
+        return h.hexdigest()[:16]
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+        """Batches of example indices, each from one bucket, shuffled by (seed, epoch)."""
+        rng = random.Random(f"{seed}/{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self.examples):
+            by_bucket.setdefault(e.bucket, []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            rng.shuffle(idx)
+            batches += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+
+def build_data(cfg, resolution: int, log=print) -> TrainData:
+    """Collect, scan and bucket the training (and regularisation) folders; report skipped files."""
+    items = []
+    for folder, weight in ((cfg.data, 1.0), (cfg.reg_data, cfg.prior_loss_weight)):
+        if not folder:
+            continue
+        if not Path(folder).is_dir():
+            raise ImgloraError("no such data folder", "pass a folder of images with captions", path=folder)
+        exts = tuple(dict.fromkeys((cfg.caption_extension, ".txt", ".caption")))
+        found = collect_items(folder, caption_extensions=exts, fallback=cfg.caption_fallback,
+                              prefix=cfg.trigger if weight == 1.0 else None)
+        items += [(it, weight) for it in found]
+    if not items:
+        raise ImgloraError("no images found", "put .png/.jpg/.webp images (with .txt captions) in it", path=cfg.data)
+    scan = scan_items([it for it, _ in items], min_side=cfg.min_image_side, workers=cfg.workers)
+    ok = {it.image for it in scan.ok}
+    problems = [(p.path, p.reason) for p in scan.problems]
+    for path, reason in problems:
+        log(f"skipped {path}: {reason}")
+    bad_fraction = len(problems) / max(1, len({it.image for it, _ in items}))
+    if problems and bad_fraction > cfg.max_bad:
+        listing = "; ".join(f"{p}: {r}" for p, r in problems[:20])
+        raise ImgloraError(f"{len(problems)} of the images are unusable ({bad_fraction:.0%} > --max-bad "
+                           f"{cfg.max_bad:.0%}): {listing}", "fix or remove them, or raise --max-bad", path=cfg.data)
+    buckets = make_buckets(resolution, cfg.bucket_step, cfg.min_bucket, cfg.max_bucket)
+    examples, seen = [], set()
+    for it, weight in items:
+        if it.image not in ok:
+            continue
+        w, h = scan.infos[it.image].size
+        bucket = assign_bucket(w, h, buckets, no_upscale=cfg.no_upscale, step=cfg.bucket_step)
+        example = Example(it.image, it.caption or "", bucket, weight)
+        if weight == 1.0 and it.image not in seen:
+            seen.add(it.image)
+        examples += [example] * max(1, it.repeats)
+    val = []
+    if cfg.val_count:
+        # Hold out whole images (all their repeats), chosen by the seed, from the training set only.
+        rng = random.Random(f"{cfg.seed}/val")
+        held = set(rng.sample(sorted(seen, key=str), min(cfg.val_count, max(0, len(seen) - 1))))
+        val = [next(e for e in examples if e.path == p) for p in sorted(held, key=str)]
+        examples = [e for e in examples if e.path not in held]
+    return TrainData(examples, val, problems)
+
+
+def bucket_histogram(data: TrainData) -> str:
+    counts: dict[tuple[int, int], int] = {}
+    for e in data.examples:
+        counts[e.bucket] = counts.get(e.bucket, 0) + 1
+    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+
+
+# -- pixels and latents ---------------------------------------------------------------------------
+def pixels(example: Example, crop: str, flip: bool, rng: random.Random):
+    """(3, H, W) in [-1, 1], original size (h, w) and crop top-left (top, left) for SDXL conditioning."""
+    image = load_image(example.path)
+    image, crop_tl, original = fit_to_bucket(image, example.bucket, crop=crop, rng=rng)
+    if flip:
+        image = image.transpose(0)  # Image.Transpose.FLIP_LEFT_RIGHT
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    return arr, original, crop_tl
+
+
+@torch.no_grad()
+def encode_images(vae, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std, scaled; a latent is mean + std·noise."""
+    dist = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
+
+
+class LatentCache:
+    """Posterior mean/std per (example, flip), in memory and optionally on disk, keyed by file content,
+    bucket, crop and the VAE, so a later run with the same images and VAE reuses them."""
+
+    def __init__(self, vae, disk_dir: Path | None, vae_id: str):
+        self.vae, self.disk_dir, self.vae_id = vae, disk_dir, vae_id
+        self.memory: dict[tuple[Path, tuple, bool], tuple] = {}
+        self.reused = 0
+
+    def _key(self, example: Example, flip: bool) -> str:
+        h = hashlib.sha256(example.path.read_bytes())
+        h.update(f"|{example.bucket}|{flip}|{self.vae_id}".encode())
+        return h.hexdigest()[:32]
+
+    def fill(self, examples: list[Example], flips: tuple[bool, ...], batch: int = 8, progress: bool = True) -> None:
+        todo = sorted({(e.path, e.bucket, f) for e in examples for f in flips} - set(self.memory), key=str)
+        by_path = {(e.path, e.bucket): e for e in examples}
+        pending = []
+        for path, bucket, flip in tqdm(todo, desc="caching latents", unit="img", disable=not progress):
+            example = by_path[(path, bucket)]
+            if self.disk_dir is not None:
+                file = self.disk_dir / f"{self._key(example, flip)}.safetensors"
+                if file.is_file():
+                    try:
+                        t, meta = read_safetensors(file)
+                        self.memory[(path, bucket, flip)] = (t["mean"], t["std"], tuple(json.loads(meta["original"])),
+                                                             tuple(json.loads(meta["crop"])))
+                        self.reused += 1
+                        continue
+                    except (ImgloraError, KeyError, ValueError):
+                        pass  # a damaged cache entry is recomputed
+            pending.append((example, flip))
+            if len(pending) == batch:
+                self._encode(pending)
+                pending = []
+        if pending:
+            self._encode(pending)
+
+    def _encode(self, pending):
+        prepared = [pixels(e, "center", f, random.Random(0)) for e, f in pending]
+        mean, std = encode_images(self.vae, torch.stack([p[0] for p in prepared]))
+        for (e, f), (_, original, crop), m, s in zip(pending, prepared, mean, std):
+            self.memory[(e.path, e.bucket, f)] = (m, s, original, crop)
+            if self.disk_dir is not None:
+                write_safetensors(self.disk_dir / f"{self._key(e, f)}.safetensors", {"mean": m, "std": s},
+                                  {"original": json.dumps(list(original)), "crop": json.dumps(list(crop))},
+                                  overwrite=True)
+
+    def get(self, example: Example, flip: bool):
+        return self.memory[(example.path, example.bucket, flip)]
+
+
+def vae_fingerprint(vae) -> str:
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for p in list(vae.parameters())[:4] + list(vae.parameters())[-4:]:
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+# -- captions -------------------------------------------------------------------------------------
+def shuffle_caption(caption: str, keep: int, rng: random.Random) -> str:
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)

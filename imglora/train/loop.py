@@ -1,0 +1,454 @@
+"""`train(cfg)`: setup, models, data, adapters, caches, optimizer, resume, loop, save.
+
+One process or many under `accelerate launch` (DDP); only the main process writes files. Every step's
+randomness is seeded by (seed, step), and the data order by (seed, epoch), so a resumed run ends with
+exactly the adapter an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig, to_dict
+from ..errors import ImgloraError
+from ..formats.files import atomic_write, clean_temp_files
+from ..formats.lora_file import load_adapter, save_adapter
+from ..formats.metadata import build_metadata
+from ..lora.adapters import Adapters
+from ..models.load import layers_per_block, load_pipeline, model_defaults, pipeline_arch
+from . import checkpoint as ckpt
+from .data import LatentCache, TrainData, bucket_histogram, build_data, encode_images, pixels, shuffle_caption, \
+    vae_fingerprint
+from .loss import diffusion_loss, encode_text, sdxl_time_ids
+from .optim import make_optimizer, make_schedule
+from .samples import RunLog, render_samples, validation_loss
+
+NAME = "train"  # the adapter's name inside the pipeline; the file name is cfg.name
+# A checkpoint only continues the same run: these must match (RELIABILITY.md T4).
+RESUME_KEYS = ("model", "targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp",
+               "batch_size", "grad_accum", "resolution", "seed", "init", "flip", "crop", "caption_dropout",
+               "shuffle_captions", "keep_tokens", "noise_offset", "val_count")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def step_seed(seed: int, index: int) -> int:
+    return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
+
+
+class Interrupt:
+    """Ctrl-C asks for a checkpoint at the end of the current step; a second Ctrl-C is ignored meanwhile."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        # -- Setup: the accelerator decides the device and, under `accelerate launch`, the process group.
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+        self.main = self.acc.is_main_process
+        self.out = Path(cfg.output)
+        self.ckpt_root = self.out / "checkpoints"
+        self.final = self.out / f"{cfg.name}.safetensors"
+        if self.final.exists() and not (cfg.overwrite or cfg.resume):
+            raise ImgloraError("already exists", "pass --overwrite to replace it, or --resume latest to continue",
+                               path=self.final)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(self.out)
+            ckpt.clean_partial(self.ckpt_root)
+        self.log = RunLog(self.out / "logs", self.main)
+        torch.manual_seed(cfg.seed)
+        self._load_models()
+        self._load_data()
+        self._make_adapter()
+        self._fill_caches()
+        self._make_optimizer()
+
+    def say(self, text: str) -> None:
+        if self.main:
+            tqdm.write(text)
+
+    # -- Models ---------------------------------------------------------------------------------
+    def _load_models(self):
+        cfg, device = self.cfg, self.acc.device
+        self.pipe = load_pipeline(cfg.model, config=cfg.model_config)
+        self.arch, self.prediction = pipeline_arch(self.pipe)
+        self.resolution = cfg.resolution or model_defaults(self.pipe).get("resolution") or \
+            self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.dtype = DTYPES[cfg.mixed_precision]
+        self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m]
+        for m in [self.pipe.unet, self.pipe.vae, *self.text_encoders]:
+            m.requires_grad_(False)
+            m.eval()
+        # Frozen weights in half precision; the adapters stay float32 (PERFORMANCE.md §4.3).
+        self.pipe.unet.to(device, self.dtype)
+        for te in self.text_encoders:
+            te.to(device, self.dtype)
+        upcast = getattr(self.pipe.vae.config, "force_upcast", True)
+        self.pipe.vae.to(device, torch.float32 if upcast else self.dtype)
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for te in self.text_encoders:
+                    te.gradient_checkpointing_enable()
+
+    # -- Data -----------------------------------------------------------------------------------
+    def _load_data(self):
+        cfg = self.cfg
+        self.data: TrainData = build_data(cfg, self.resolution, log=self.say)
+        if not self.data.examples:
+            raise ImgloraError("no usable training images", "see the skipped files above", path=cfg.data)
+        self.world = self.acc.num_processes
+        self.batches_per_epoch = len(self.data.epoch_batches(0, cfg.seed, cfg.batch_size))
+        per_step = self.world * cfg.grad_accum
+        steps_per_epoch = max(1, self.batches_per_epoch // per_step)
+        self.total_steps = cfg.steps or (math.ceil(cfg.epochs * self.batches_per_epoch / per_step) if cfg.epochs
+                                         else 500)
+        self.say(f"{len({e.path for e in self.data.examples})} images ({len(self.data.examples)} with repeats), "
+                 f"{len(self.data.problems)} skipped, {len(self.data.val)} held out; buckets: "
+                 f"{bucket_histogram(self.data)}; {self.total_steps} steps = "
+                 f"{self.total_steps / steps_per_epoch:.1f} epochs")
+        self.fixed_captions = not cfg.shuffle_captions and not cfg.train_text_encoder
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+
+    # -- Adapters -------------------------------------------------------------------------------
+    def _make_adapter(self):
+        cfg = self.cfg
+        self.adapters = Adapters(self.pipe)
+        keys = self.adapters.targets(cfg.targets, text_encoder=cfg.train_text_encoder, te_mlp=cfg.te_mlp)
+        self.adapters.create(NAME, keys, rank=cfg.rank, alpha=cfg.alpha, conv_rank=cfg.conv_rank,
+                             conv_alpha=cfg.conv_alpha, init=cfg.init, dropout=cfg.lora_dropout)
+        named = self.adapters.named_parameters(NAME)
+        self.unet_params = [p for k, p in named.items() if k.startswith("unet.")]
+        self.te_params = [p for k, p in named.items() if not k.startswith("unet.")]
+        n = sum(p.numel() for p in named.values())
+        self.say(f"adapter: {len(keys)} modules ({cfg.targets}{' + text encoder' if self.te_params else ''}), "
+                 f"rank {cfg.rank}, {n:,} trainable parameters")
+
+    # -- Caches ---------------------------------------------------------------------------------
+    def _fill_caches(self):
+        cfg = self.cfg
+        self.latents = None
+        if cfg.cache_latents != "none":
+            disk = Path(cfg.cache_dir or self.out / ".cache") if cfg.cache_latents == "disk" else None
+            if disk is not None:
+                disk.mkdir(parents=True, exist_ok=True)
+            self.latents = LatentCache(self.pipe.vae, disk, vae_fingerprint(self.pipe.vae))
+            flips = (False, True) if cfg.flip else (False,)
+            self.latents.fill(self.data.examples + self.data.val, flips, progress=self.main)
+            if self.latents.reused:
+                self.say(f"reused {self.latents.reused} cached latents from {disk}")
+        self.text_cache: dict[str, tuple] | None = None
+        if cfg.cache_text and self.fixed_captions:
+            captions = sorted({e.caption for e in self.data.examples + self.data.val} | {""})
+            self.text_cache = {}
+            with torch.no_grad():
+                for i in range(0, len(captions), 64):
+                    chunk = captions[i:i + 64]
+                    embeds, pooled = encode_text(self.pipe, chunk, self.acc.device)
+                    for j, c in enumerate(chunk):
+                        self.text_cache[c] = (embeds[j], None if pooled is None else pooled[j])
+        # Cached models have nothing left to do until sampling: free their memory on the device.
+        if self.latents is not None and self.acc.device.type != "cpu":
+            self.pipe.vae.to("cpu")
+        if self.text_cache is not None and self.acc.device.type != "cpu":
+            for te in self.text_encoders:
+                te.to("cpu")
+
+    # -- Optimizer ------------------------------------------------------------------------------
+    def _make_optimizer(self):
+        cfg = self.cfg
+        groups = [{"params": self.unet_params, "lr": cfg.lr}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+        self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, self.acc.device.type)
+        self.schedule = make_schedule(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        # DDP wraps the models whose adapters train; the LoraLayers inside are the same objects.
+        models = [self.pipe.unet] + (self.text_encoders if self.te_params else [])
+        prepared = self.acc.prepare(*models, self.optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.step = 0
+
+    # -- Batches --------------------------------------------------------------------------------
+    def _batch_indices(self, g: int) -> list[int]:
+        epoch, position = divmod(g, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: self.data.epoch_batches(epoch, self.cfg.seed, self.cfg.batch_size)}
+        return self._epoch_cache[epoch][position]
+
+    def _caption(self, caption: str, rng: random.Random) -> str:
+        cfg = self.cfg
+        if cfg.shuffle_captions:
+            caption = shuffle_caption(caption, cfg.keep_tokens, rng)
+        if cfg.caption_dropout and rng.random() < cfg.caption_dropout:
+            caption = ""
+        return caption
+
+    def make_batch(self, examples, g: int | None, generator: torch.Generator) -> dict:
+        """Latents (sampled from the cached or fresh posterior), text embeddings and conditioning."""
+        cfg, device = self.cfg, self.acc.device
+        rng = random.Random(f"{cfg.seed}/{g}/augment")
+        flips = [cfg.flip and g is not None and rng.random() < 0.5 for _ in examples]
+        captions = [self._caption(e.caption, rng) if g is not None else e.caption for e in examples]
+        if self.latents is not None:
+            entries = [self.latents.get(e, f) for e, f in zip(examples, flips)]
+            mean = torch.stack([x[0] for x in entries])
+            std = torch.stack([x[1] for x in entries])
+            originals, crops = [x[2] for x in entries], [x[3] for x in entries]
+        else:
+            prepared = [pixels(e, cfg.crop, f, rng) for e, f in zip(examples, flips)]
+            mean, std = encode_images(self.pipe.vae, torch.stack([p[0] for p in prepared]))
+            originals, crops = [p[1] for p in prepared], [p[2] for p in prepared]
+        latents = mean + std * torch.randn(mean.shape, generator=generator)
+        if self.text_cache is not None:
+            embeds = torch.stack([self.text_cache[c][0] for c in captions])
+            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
+        else:
+            with contextlib.nullcontext() if self.te_params else torch.no_grad():
+                embeds, pooled = encode_text(self.pipe, captions, device)
+        batch = {"latents": latents.to(device, self.dtype), "embeds": embeds.to(device, self.dtype), "size": len(examples),
+                 "weights": torch.tensor([e.weight for e in examples])}
+        if self.arch == "sdxl":
+            batch["pooled"] = pooled.to(device, self.dtype)
+            batch["time_ids"] = sdxl_time_ids(originals, crops, examples[0].bucket, device).to(self.dtype)
+        return batch
+
+    def loss(self, batch, generator, **fixed) -> torch.Tensor:
+        with self.acc.autocast():
+            return diffusion_loss(self.models[0], self.pipe.scheduler, batch["latents"], batch["embeds"], generator,
+                                  prediction=self.prediction, sample_weights=batch["weights"],
+                                  pooled=batch.get("pooled"), time_ids=batch.get("time_ids"),
+                                  noise_offset=self.cfg.noise_offset, min_snr_gamma=self.cfg.min_snr_gamma, **fixed)
+
+    # -- One optimizer step ---------------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.cfg
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            g = (self.step * cfg.grad_accum + micro) * self.world + self.acc.process_index
+            seed = step_seed(cfg.seed, g)
+            torch.manual_seed(seed)  # adapter dropout
+            generator = torch.Generator().manual_seed(seed)
+            examples = [self.data.examples[i] for i in self._batch_indices(g)]
+            batch = self.make_batch(examples, g, generator)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if not last:  # gradients are all-reduced once per optimizer step, not per micro-batch
+                    for m in self.models:
+                        stack.enter_context(self.acc.no_sync(m))
+                loss = self.loss(batch, generator) / cfg.grad_accum
+                self.acc.backward(loss)
+            total += loss.detach()
+        if cfg.max_grad_norm:
+            self.acc.clip_grad_norm_(self.unet_params + self.te_params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(self.acc.reduce(total, "mean") if self.world > 1 else total)
+
+    # -- Validation and samples -----------------------------------------------------------------
+    def validate(self) -> float | None:
+        if not self.data.val:
+            return None
+        T = self.pipe.scheduler.config.num_train_timesteps
+        timesteps = torch.linspace(T * 0.1, T * 0.9, 4).long()
+        batches = []
+        for i, e in enumerate(self.data.val):
+            generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, -1 - i))
+            batch = self.make_batch([e] * len(timesteps), None, generator)
+            batch["noise"] = torch.randn(batch["latents"].shape, generator=generator)
+            batches.append(batch)
+        return validation_loss(batches, lambda b: self.loss(b, None, timesteps=timesteps, noise=b["noise"]))
+
+    def samples(self) -> None:
+        cfg = self.cfg
+        prompts = list(cfg.sample_prompts)
+        if cfg.sample_prompts_file:
+            prompts += [line.strip() for line in Path(cfg.sample_prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts or not self.main:
+            return
+        try:
+            self.pipe.to(self.acc.device)
+            with self.acc.autocast():
+                path = render_samples(self.pipe, self.adapters, NAME, prompts, self.out / "samples", self.step,
+                                      cfg.seed, cfg.sample_steps, cfg.sample_guidance)
+            self.say(f"samples: {path}")
+        except Exception as e:  # a failed sample must never cost the run (RELIABILITY.md T8)
+            self.say(f"warning: sampling failed at step {self.step}: {e}")
+        finally:
+            if self.latents is not None and self.acc.device.type != "cpu":
+                self.pipe.vae.to("cpu")
+            if self.text_cache is not None and self.acc.device.type != "cpu":
+                for te in self.text_encoders:
+                    te.to("cpu")
+
+    # -- Checkpoints ----------------------------------------------------------------------------
+    def _resume_identity(self) -> dict:
+        return {**{k: getattr(self.cfg, k) for k in RESUME_KEYS}, "data": self.data.fingerprint()}
+
+    def save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            adapter = {k: p.detach().float().cpu() for k, p in self.adapters.named_parameters(NAME).items()}
+            state = {"step": self.step, "identity": self._resume_identity(), "schedule": self.schedule.state_dict(),
+                     "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None}
+            path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter, self.optimizer, state, self.cfg.keep_last)
+            self.say(f"checkpoint: {path}")
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> None:
+        path, adapter, optimizer, state = ckpt.find_and_load(self.ckpt_root, self.cfg.resume, warn=self.say)
+        mine, theirs = self._resume_identity(), state["identity"]
+        diffs = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in mine if theirs.get(k) != mine.get(k)]
+        if diffs:
+            raise ImgloraError(f"the checkpoint is from a different run ({'; '.join(diffs)})",
+                               "resume with the same settings and data, or start a new --output", path=path)
+        params = self.adapters.named_parameters(NAME)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(adapter[k])
+        self.optimizer.load_state_dict(optimizer)
+        self.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler") and self.acc.scaler:
+            self.acc.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.say(f"resumed from {path} at step {self.step}")
+
+    # -- Final file -----------------------------------------------------------------------------
+    def save_final(self, started: str) -> Path:
+        cfg = self.cfg
+        adapter = self.adapters.export(NAME)
+        adapter.arch = self.arch
+        tags: dict[str, int] = {}
+        for e in self.data.examples:
+            for tag in (t.strip() for t in e.caption.split(",")):
+                if tag:
+                    tags[tag] = tags.get(tag, 0) + 1
+        extra = {
+            "ss_sd_model_name": Path(str(getattr(self.pipe, "_imglora_path", "") or "embedded")).name,
+            "ss_num_train_images": str(len({e.path for e in self.data.examples})),
+            "ss_steps": str(self.step), "ss_epoch": str(self.step * cfg.grad_accum * self.world // self.batches_per_epoch),
+            "ss_learning_rate": str(cfg.lr), "ss_unet_lr": str(cfg.lr),
+            "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.lr) if cfg.train_text_encoder else "0",
+            "ss_optimizer": cfg.optimizer, "ss_seed": str(cfg.seed), "ss_mixed_precision": cfg.mixed_precision,
+            "ss_lr_scheduler": cfg.lr_scheduler, "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_training_started_at": started, "ss_training_finished_at": datetime.now(timezone.utc).isoformat(),
+            "ss_tag_frequency": {Path(cfg.data).name: tags},
+        }
+        if cfg.trigger:
+            extra["modelspec.trigger_phrase"] = cfg.trigger
+        meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+        lpb = layers_per_block(self.pipe.unet)
+        path = save_adapter(self.final, adapter, fmt="kohya" if cfg.save_format == "kohya" else "peft", metadata=meta,
+                            overwrite=True, layers_per_block=lpb, dtype=dtype)
+        # Self-test: the written file parses back to exactly the modules we trained (ANCHORS.md §3.1).
+        back, _ = load_adapter(path, lpb)
+        if set(back.modules) != set(adapter.modules):
+            raise ImgloraError("the saved file does not read back to the trained modules", "report this bug",
+                               path=path)
+        config_json = json.dumps(to_dict(cfg), indent=2, default=str)
+        atomic_write(self.out / f"{cfg.name}.json", lambda f: f.write(config_json.encode()), overwrite=True)
+        return path
+
+    # -- The loop -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        started = datetime.now(timezone.utc).isoformat()
+        if cfg.resume:
+            self.resume()
+        for m in self.models:
+            m.train()
+        interrupt = Interrupt()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.main,
+                   dynamic_ncols=True)
+        last_saved = self.step
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    raise ImgloraError(
+                        f"the loss became {loss} at step {self.step}; nothing of this step was saved",
+                        "lower --lr, or use --mixed-precision bf16 instead of fp16; the last good checkpoint "
+                        f"(if any) is in {self.ckpt_root}", path=cfg.output)
+                lr = self.schedule.get_last_lr()[0]
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    self.log.log(self.step, loss=loss, lr=lr, step_seconds=time.perf_counter() - t0)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                    last_saved = self.step
+                if (cfg.val_every and self.step % cfg.val_every == 0) or (
+                        not cfg.val_every and last_saved == self.step and self.data.val):
+                    self._log_validation()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.total_steps:
+                    self.samples()
+                if interrupt.requested:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
+                    if last_saved != self.step:
+                        self.save_checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            interrupt.restore()
+        self._log_validation()
+        self.samples()
+        self._check_in_sync()
+        path = self.save_final(started) if self.main else self.final
+        if cfg.save_every:
+            self.save_checkpoint()
+        self.log.close()
+        self.say(f"saved {path}")
+        return path
+
+    def _check_in_sync(self) -> None:
+        """DDP keeps every process's adapter identical; verify it before writing the one file."""
+        self.acc.wait_for_everyone()
+        if self.world == 1:
+            return
+        flat = torch.cat([p.detach().float().flatten() for p in self.unet_params + self.te_params])
+        sums = self.acc.gather(torch.stack([flat.sum(), flat.square().sum()]).to(self.acc.device)[None])
+        if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-6, atol=1e-8):
+            raise ImgloraError("the training processes ended with different adapters", "report this bug")
+        self.say(f"{self.world} processes in sync")
+
+    def _log_validation(self) -> None:
+        for m in self.models:
+            m.eval()
+        value = self.validate()
+        for m in self.models:
+            m.train()
+        if value is not None:
+            self.log.log(self.step, val_loss=value)
+            self.say(f"step {self.step}: validation loss {value:.5f}")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train one adapter as configured and return the path of OUTPUT/NAME.safetensors."""
+    return Trainer(cfg).run()
+

@@ -1,0 +1,234 @@
+"""`imglora train` on tiny models and synthetic shapes: it learns, it resumes exactly, it fails clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from imglora.cli import main
+from imglora.data.synth import synth_shapes
+
+FAST = ["--resolution", "32", "--bucket-step", "16", "--rank", "4", "--batch-size", "4", "--lr", "3e-3",
+        "--save-precision", "fp32", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from imglora.models.tiny import tiny_sd_pipeline
+
+    d = tmp_path_factory.mktemp("model")
+    tiny_sd_pipeline(d / "tok").save_pretrained(d / "sd1")
+    return d / "sd1"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    synth_shapes(d, 12, seed=1, size=32)
+    return d
+
+
+def run_train(*args):
+    return main(["train", *map(str, args)])
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_loss_goes_down_and_the_file_works_in_diffusers(model_dir, shapes, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 60, "--targets", "attn",
+                     "--train-text-encoder", "--sample-prompt", "a red circle", "--sample-steps", 2, *FAST) == 0
+    values = losses(out)
+    assert len(values) == 60
+    first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    lora = out / "lora.safetensors"
+    meta = json.loads((out / "lora.json").read_text())
+    assert meta["rank"] == 4 and meta["targets"] == "attn"
+    assert (out / "samples" / "step-0000060.png").is_file()
+    assert list((out / "logs" / "tensorboard").iterdir())
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True, safety_checker=None)
+    args = dict(prompt="a red circle", num_inference_steps=2, width=32, height=32, output_type="np")
+    base = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    import diffusers
+
+    diffusers.utils.logging.enable_propagation()
+    pipe.load_lora_weights(str(lora), adapter_name="trained")
+    after = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert abs(after - base).max() > 1e-3
+    te_layers = [m for m in pipe.text_encoder.modules() if hasattr(m, "lora_A") and "trained" in m.lora_A]
+    assert len(te_layers) == 12
+
+
+def test_buckets_caches_and_uncached_training_agree(model_dir, tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    sizes = {"wide": (64, 32), "tall": (32, 64), "square": (48, 48), "big": (96, 96)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text(f"a {name} red thing")
+    common = ["--model", model_dir, "--data", data, "--steps", 4, "--seed", 3, *FAST]
+    assert run_train(*common, "--output", tmp_path / "mem", "--cache-latents", "memory") == 0
+    assert run_train(*common, "--output", tmp_path / "none", "--cache-latents", "none", "--no-cache-text") == 0
+    assert run_train(*common, "--output", tmp_path / "disk", "--cache-latents", "disk",
+                     "--cache-dir", tmp_path / "cache") == 0
+    n_cached = len(list((tmp_path / "cache").iterdir()))
+    assert n_cached == 4
+    assert run_train(*common, "--output", tmp_path / "disk2", "--cache-latents", "disk",
+                     "--cache-dir", tmp_path / "cache") == 0
+    mem, none, disk, disk2 = (losses(tmp_path / d) for d in ("mem", "none", "disk", "disk2"))
+    assert mem == pytest.approx(none, rel=1e-4) and disk == pytest.approx(mem, rel=1e-5) and disk2 == disk
+
+    from imglora.config import TrainConfig
+    from imglora.train.data import build_data
+
+    cfg = TrainConfig(data=str(data), bucket_step=16)
+    buckets = {e.path.stem: e.bucket for e in build_data(cfg, 32, log=lambda s: None).examples}
+    # 32 px: area ≤ 32², sides multiples of 16 in [16, 64]; each image gets the closest aspect ratio.
+    assert buckets == {"wide": (48, 16), "tall": (16, 48), "square": (32, 32), "big": (32, 32)}
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "imglora.cli", "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t < timeout
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_ends_with_the_same_adapter(model_dir, shapes, tmp_path):
+    common = ["--model", model_dir, "--data", shapes, "--steps", 12, "--save-every", 3, *FAST]
+    straight = _run_cli([*common, "--output", tmp_path / "straight"])
+    assert straight.wait() == 0, straight.stdout.read()
+
+    out = tmp_path / "killed"
+    proc = _run_cli([*common, "--output", out])
+    _wait_for(out / "checkpoints" / "step-0000006" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "lora.safetensors").exists()
+    for _ in range(2):  # resume twice: once mid-run (killed again), once to the end
+        proc = _run_cli([*common, "--output", out, "--resume", "latest"])
+        if _ == 0:
+            _wait_for(out / "checkpoints" / "step-0000009" / "COMPLETE", proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            assert proc.wait() == 0, proc.stdout.read()
+    a = load_file(tmp_path / "straight" / "lora.safetensors")
+    b = load_file(out / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, shapes, tmp_path):
+    out = tmp_path / "int"
+    proc = _run_cli(["--model", model_dir, "--data", shapes, "--steps", 100000, "--output", out, *FAST])
+    _wait_for(out / "logs" / "train.jsonl", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    done = list((out / "checkpoints").glob("step-*/COMPLETE"))
+    assert len(done) == 1
+    # ...and it resumes from there.
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--resume", "latest",
+                     "--steps", int(done[0].parent.name.split("-")[1]) + 2, *FAST) == 0
+
+
+def test_resume_refuses_a_different_run_and_missing_checkpoints(model_dir, shapes, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 2, "--save-every", 1,
+                     *FAST) == 0
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 4, "--resume", "latest",
+                     *FAST[:4], "--rank", "8", *FAST[6:]) == 2
+    assert "rank: 4 -> 8" in capsys.readouterr().err
+    assert run_train("--model", model_dir, "--data", shapes, "--output", tmp_path / "new", "--resume", "latest",
+                     *FAST) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    # A damaged newest checkpoint falls back to the previous one.
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    data = (newest / "adapter.safetensors").read_bytes()
+    (newest / "adapter.safetensors").write_bytes(data[:-7])
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 4, "--resume", "latest",
+                     "--overwrite", *FAST) == 0
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_a_hint_and_writes_nothing(model_dir, shapes, tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 50, *FAST[:-6],
+                     "--lr", "1e9", "--max-grad-norm", "0", "--workers", "1", "--save-precision", "fp32") == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "lower --lr" in err
+    assert not (out / "lora.safetensors").exists()
+
+
+def test_bad_configs_and_datasets_are_one_line_errors(model_dir, shapes, tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'data = "{shapes}"\nrnak = 4\n')
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "unknown config key 'rnak'" in capsys.readouterr().err
+    toml.write_text(f'data = "{shapes}"\nrank = "four"\n')
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "'rank' must be int" in capsys.readouterr().err
+    assert main(["train", "--model", str(model_dir), "--data", str(tmp_path / "missing")]) == 2
+    assert "no such data folder" in capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+        (bad / f"{i}.txt").write_text("a caption")
+    Image.new("RGB", (32, 32)).save(bad / "ok.png")
+    (bad / "ok.txt").write_text("fine")
+    assert run_train("--model", model_dir, "--data", bad, "--output", tmp_path / "o", "--steps", 1, *FAST) == 2
+    err = capsys.readouterr().err
+    assert "3 of the images are unusable" in err and "0.png" in err and err.count("\n") == 1
+
+
+def test_toml_config_with_flag_overrides(model_dir, shapes, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "{model_dir}"\ndata = "{shapes}"\nsteps = 3\nrank = 2\nresolution = 32\n'
+                    f'bucket-step = 16\noutput = "{tmp_path / "out"}"\nsample_prompts = ["a red circle"]\n')
+    assert main(["train", "--config", str(toml), "--rank", "3", "--sample-steps", "1"]) == 0
+    saved = json.loads((tmp_path / "out" / "lora.json").read_text())
+    assert saved["rank"] == 3 and saved["steps"] == 3
+    from imglora.formats.lora_file import load_adapter
+
+    adapter, _ = load_adapter(tmp_path / "out" / "lora.safetensors")
+    assert json.loads(adapter.metadata["imglora.config"])["rank"] == 3
+    assert set(adapter.ranks()) == {3}
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_train_in_sync(model_dir, shapes, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "imglora.cli", "train", "--model", str(model_dir),
+           "--data", str(shapes), "--output", str(out), "--steps", "4", "--save-every", "2", *FAST]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "processes in sync" in r.stdout + r.stderr
+    assert (out / "lora.safetensors").is_file()
+    assert len((out / "logs" / "train.jsonl").read_text().splitlines()) == 4  # one writer
