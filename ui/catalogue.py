@@ -1,0 +1,167 @@
+"""The adapters folder: every `.safetensors` in it, listed by name, with its status.
+
+Requests name an adapter; they never carry a path. A name is looked up in the last listing of the
+folder (A1111's rule: `<lora:name:w>` is a name lookup, RELIABILITY.md §3), so `../x`, `/etc/passwd`,
+`C:\\x` or `x::$DATA` match nothing and no file is opened for them. Listing reads only headers; the
+full, strict load (NaN check, key parsing) happens when an adapter is first used, and its failure is
+recorded here, so one bad file is listed with its reason and the others keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imglora.errors import ImgloraError
+from imglora.formats.files import read_header
+from imglora.formats.inspect import describe
+from imglora.formats.lora_file import ARCH_NAMES, ATTN2_KEY_DIMS, adapter_name
+from imglora.formats.metadata import arch_from_metadata
+
+NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # the same rule as Adapters names
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class Entry:
+    name: str
+    path: Path
+    fingerprint: tuple  # (size, mtime_ns): a changed file is reloaded
+    arch: str = "unknown"
+    error: str | None = None  # why it cannot be used (broken, foreign, outside the folder)
+    info: dict | None = field(default=None, repr=False)  # describe(), after the full load
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None
+
+    def row(self) -> list[str]:
+        status = "ok" if self.usable else self.error
+        return [self.name, ARCH_NAMES.get(self.arch, self.arch), self.path.name, status]
+
+
+def header_arch(header: dict, metadata: dict[str, str]) -> str:
+    """sd1/sd2/sdxl/unknown from the header alone: metadata, then key names, then the attn2.to_k width."""
+    found = arch_from_metadata(metadata)
+    if found:
+        return found
+    keys = list(header)
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks", "lora_unet_output_blocks"))
+           for k in keys):
+        return "sdxl"
+    for k, v in header.items():
+        down = ("attn2_to_k.lora_down" in k or "attn2.to_k.lora_A" in k or "attn2.to_k.lora.down" in k)
+        if down and len(v.get("shape", ())) >= 2 and v["shape"][1] in ATTN2_KEY_DIMS:
+            return ATTN2_KEY_DIMS[v["shape"][1]]
+    return "unknown"
+
+
+def check_name(name) -> str:
+    """A syntactically valid adapter name, or an error; never touches the file system."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = repr(name)[:60]
+        raise ImgloraError(f"{shown} is not an adapter name",
+                           "use a name from the adapters list (letters, digits, '_' and '-'; no paths)")
+    return name
+
+
+class Catalogue:
+    """The adapters folder, listed by name. Thread-safe: a scan swaps in a new dict."""
+
+    def __init__(self, folder: str | os.PathLike, model_arch: str):
+        self.folder = Path(folder).expanduser().resolve()
+        self.model_arch = model_arch
+        self.entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+
+    def scan(self) -> list[Entry]:
+        """List the folder again; keeps what is known about unchanged files."""
+        old = self.entries
+        found: dict[str, Entry] = {}
+        for path in self._files():
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            name = adapter_name(path, list(found))
+            fingerprint = (st.st_size, st.st_mtime_ns)
+            prev = old.get(name)
+            if prev is not None and prev.path == path and prev.fingerprint == fingerprint:
+                found[name] = prev
+                continue
+            found[name] = self._examine(name, path, fingerprint)
+        with self._lock:
+            self.entries = found
+        return list(found.values())
+
+    def _files(self) -> list[Path]:
+        files = []
+        if not self.folder.is_dir():
+            return files
+        for root, dirs, names in os.walk(self.folder, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [Path(root) / n for n in sorted(names) if n.endswith(SUFFIX) and not n.startswith(".")]
+        return files
+
+    def _examine(self, name: str, path: Path, fingerprint: tuple) -> Entry:
+        entry = Entry(name, path, fingerprint)
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.folder) or not real.is_file():
+            # An escaping symlink is listed but never opened (RELIABILITY.md U2).
+            entry.error = "links outside the adapters folder; not read"
+            return entry
+        try:
+            header, metadata, _ = read_header(path)
+        except ImgloraError as e:
+            entry.error = _reason(e)
+            return entry
+        entry.arch = header_arch(header, metadata)
+        self._check_arch(entry)
+        return entry
+
+    def _check_arch(self, entry: Entry) -> None:
+        if entry.error is None and entry.arch not in ("unknown", self.model_arch):
+            entry.error = (f"incompatible: made for {ARCH_NAMES.get(entry.arch, entry.arch)}, the model is "
+                           f"{ARCH_NAMES.get(self.model_arch, self.model_arch)}")
+
+    def get(self, name) -> Entry:
+        """The usable entry called `name`, or an error a user can act on. Opens no file."""
+        entry = self.entries.get(check_name(name))
+        if entry is None:
+            raise ImgloraError(f"no adapter named {name!r} in the adapters folder",
+                               "press Refresh, or put the .safetensors file in the adapters folder")
+        if entry.error:
+            raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "", path=entry.path.name)
+        return entry
+
+    def card(self, name) -> dict:
+        """describe() of a usable adapter (the full, strict load), cached until the file changes."""
+        entry = self.get(name)
+        if entry.info is None:
+            try:
+                entry.info = describe(entry.path)
+            except ImgloraError as e:
+                self.mark_broken(entry, e)
+                raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "",
+                                   path=entry.path.name) from None
+            entry.arch = entry.info["base_model"]
+            self._check_arch(entry)
+            if entry.error:
+                raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "", path=entry.path.name)
+        return entry.info
+
+    def mark_broken(self, entry: Entry, error: Exception) -> None:
+        entry.error = _reason(error)
+
+    def names(self, usable_only: bool = True) -> list[str]:
+        return [n for n, e in self.entries.items() if e.usable or not usable_only]
+
+
+def _reason(e: Exception) -> str:
+    """The error without the temp/absolute path in front (the file name is shown beside it)."""
+    if isinstance(e, ImgloraError):
+        return f"{e.what} — {e.fix}" if e.fix else e.what
+    return str(e)

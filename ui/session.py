@@ -1,0 +1,186 @@
+"""The server-side state shared by every user: one pipeline, one lock, the adapters folder, the outputs.
+
+A user's blend is theirs (a `gr.State` dict, see `blend.py`); the pipeline is shared. A generation
+takes the lock, loads any adapter it needs that is not loaded yet, sets every loaded adapter's weight
+from its own blend, and runs. Adapters stay loaded, so a new weight costs nothing but a number; no
+other request can change the weights until the lock is released (RELIABILITY.md §3, U5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from imglora.errors import ImgloraError
+from imglora.formats.files import atomic_write, clean_temp_files
+from imglora.formats.lora_file import attach
+from imglora.generate import save_png
+from imglora.lora.adapters import Adapters
+from imglora.models.load import load_pipeline, pipeline_arch
+
+from .catalogue import Catalogue
+
+SCHEDULERS = {  # label -> (diffusers class, extra config)
+    "model default": (None, {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+
+
+class NonFinite(ImgloraError):
+    """NaN or Inf in the model's output (RELIABILITY.md U6): a message, never a black image."""
+
+
+def open_model(model, device: str = "cpu"):
+    """load_pipeline, with a missing embedded default model turned into a message."""
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return load_pipeline(model, device=device, dtype=dtype)
+    except ImportError:
+        raise ImgloraError("no --model given and the embedded default model is not installed",
+                           "pass --model PATH (a diffusers folder)") from None
+
+
+class Session:
+    def __init__(self, pipe, adapters_dir, outputs_dir="outputs", uploads_enabled: bool = True,
+                 max_upload_mb: int = 512, max_grid: int = 64):
+        self.pipe = pipe
+        self.arch = pipeline_arch(pipe)[0]
+        self.adapters = Adapters(pipe)
+        self.lock = threading.RLock()
+        self.catalogue = Catalogue(adapters_dir, self.arch)
+        self.catalogue.folder.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(self.catalogue.folder)  # uploads a killed server left half-validated
+        self.outputs = Path(outputs_dir).expanduser().resolve()
+        self.uploads_enabled = uploads_enabled
+        self.max_upload_bytes = int(max_upload_mb) * 1024 * 1024
+        self.max_grid = max_grid
+        self.loaded: dict[str, tuple] = {}  # name -> (path, fingerprint) of what is on the pipeline
+        self.merged_blend: dict | None = None  # the blend folded into the weights, in merge mode
+        self._default_scheduler = pipe.scheduler
+        self._save_lock = threading.Lock()
+        self.catalogue.scan()
+
+    # -- the pipeline, under the lock ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, weights: dict[str, tuple[float, float | None]], merge: bool = False, scheduler: str = "model default",
+              sample_rows: bool = False):
+        """Hold the pipeline with exactly `weights` (name -> (weight, te_weight)) active; all others off.
+
+        merge: fold the blend into the base weights (faster steps; re-merged only when the blend changes).
+        sample_rows: leave it unmerged, for per-image blends (comparison grids).
+        """
+        with self.lock:
+            for name in weights:
+                self._ensure_loaded(name)
+            self._set_blend(weights, merge and not sample_rows)
+            self.pipe.scheduler = self._scheduler(scheduler)
+            watch = _NonFiniteWatch(self.pipe)
+            try:
+                yield self.pipe
+                watch.check()
+            finally:
+                watch.remove()
+                self.pipe.scheduler = self._default_scheduler
+
+    def _ensure_loaded(self, name: str) -> None:
+        entry = self.catalogue.get(name)
+        if self.loaded.get(name) == (entry.path, entry.fingerprint):
+            return
+        if name in self.adapters.names:  # the file changed since it was loaded
+            self._unmerge()
+            self.adapters.remove(name)
+            self.loaded.pop(name, None)
+        self._unmerge()
+        try:
+            self.catalogue.card(name)  # the strict full read: NaN, keys, arch (cached per file version)
+            attach(self.adapters, entry.path, weight=0.0, name=name, model_arch=self.arch)
+        except ImgloraError as e:
+            if entry.error is None:
+                self.catalogue.mark_broken(entry, e)
+            raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "", path=entry.path.name) from None
+        self.loaded[name] = (entry.path, entry.fingerprint)
+
+    def _set_blend(self, weights: dict, merge: bool) -> None:
+        key = tuple(sorted(weights.items()))
+        if merge and self.merged_blend == key:
+            return  # already folded in: no per-step cost, nothing to redo
+        self._unmerge()
+        for name in self.adapters.names:
+            w, te = weights.get(name, (0.0, None))
+            self.adapters.enable(name, name in weights)
+            self.adapters.set_weight(name, w, te)
+        if merge:
+            self.adapters.merge()
+            self.merged_blend = key
+
+    def _unmerge(self) -> None:
+        if self.adapters.merged:
+            self.adapters.unmerge()
+        self.merged_blend = None
+
+    def _scheduler(self, label: str):
+        if label not in SCHEDULERS:
+            raise ImgloraError(f"unknown scheduler {label!r}", f"choose one of {', '.join(SCHEDULERS)}")
+        cls_name, extra = SCHEDULERS[label]
+        if cls_name is None:
+            return self._default_scheduler
+        import diffusers
+
+        return getattr(diffusers, cls_name).from_config(self._default_scheduler.config, **extra)
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    def save_image(self, image, parameters: str, prefix: str = "imglora") -> Path:
+        """Save into the outputs folder under the next free number; atomic and never overwriting."""
+        with self._save_lock:
+            self.outputs.mkdir(parents=True, exist_ok=True)
+            pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.png$")
+            numbers = [int(m.group(1)) for n in os.listdir(self.outputs) if (m := pattern.match(n))]
+            k = max(numbers, default=-1) + 1
+            while True:
+                try:
+                    return save_png(image, self.outputs / f"{prefix}-{k:05d}.png", parameters)
+                except ImgloraError:
+                    if not (self.outputs / f"{prefix}-{k:05d}.png").exists():
+                        raise
+                    k += 1  # another process took this number meanwhile
+
+    def write_file(self, path: Path, data: bytes) -> Path:
+        return atomic_write(path, lambda f: f.write(data))
+
+
+class _NonFiniteWatch:
+    """Forward hooks on the UNet and VAE decoder that note NaN/Inf outputs during a generation."""
+
+    def __init__(self, pipe):
+        self.where: str | None = None
+        self.handles = []
+        for label, module in (("UNet", getattr(pipe, "unet", None)), ("VAE decoder", getattr(getattr(pipe, "vae", None),
+                                                                                               "decoder", None))):
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._hook(label)))
+
+    def _hook(self, label):
+        def hook(module, inputs, output):
+            t = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+            if self.where is None and torch.is_tensor(t) and not torch.isfinite(t).all():
+                self.where = label
+        return hook
+
+    def check(self) -> None:
+        if self.where:
+            raise NonFinite(f"the {self.where} produced NaN or Inf values, so the image would be black",
+                            "lower the adapter weights, or run in fp32 (nothing was saved)")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

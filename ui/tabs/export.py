@@ -1,0 +1,133 @@
+"""Export tab: the current blend as one adapter file, or baked into the base model as a diffusers folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from imglora.errors import ImgloraError
+from imglora.formats.files import TMP_MARK
+from imglora.formats.lora_file import load_adapter, save_adapter
+from imglora.formats.metadata import build_metadata
+from imglora.lora.inject import unwrap
+from imglora.lora.state import Adapter, split_component
+from imglora.models.load import layers_per_block
+from imglora.ops.merge import merge
+
+from ..blend import active_weights
+from ..catalogue import check_name
+from ..messages import in_page
+from ..session import Session
+
+
+def _parts(adapter: Adapter, weight: float, te_weight: float | None) -> list[tuple[Adapter, float]]:
+    """A separate text-encoder weight becomes a second part holding only the text-encoder modules."""
+    if te_weight is None:
+        return [(adapter, weight)]
+    unet = {k: m for k, m in adapter.modules.items() if k.startswith("unet.")}
+    te = {k: m for k, m in adapter.modules.items() if not k.startswith("unet.")}
+    return [(Adapter(unet, {}, adapter.arch), weight), (Adapter(te, {}, adapter.arch), te_weight)]
+
+
+def export_adapter(session: Session, blend: dict | None, name: str, method: str = "exact", rank=None,
+                   fmt: str = "kohya") -> str:
+    """Save the blend as `<adapters folder>/<name>.safetensors`: exact concatenation or SVD to `rank`."""
+    name = check_name(name)
+    weights = active_weights(session.catalogue, blend)
+    if not weights:
+        raise ImgloraError("the blend is empty", "enable at least one adapter first")
+    if fmt not in ("kohya", "diffusers"):
+        raise ImgloraError(f"unknown format {fmt!r}", "choose kohya or diffusers")
+    target = session.catalogue.folder / f"{name}.safetensors"
+    if target.exists():
+        raise ImgloraError("already exists", "choose another name", path=target.name)
+    svd_rank = None
+    if method != "exact":
+        svd_rank = int(rank or 0)
+        if not 1 <= svd_rank <= 1024:
+            raise ImgloraError(f"rank {rank} is out of range", "use a rank from 1 to 1024")
+    lpb = layers_per_block(session.pipe.unet)
+    parts, sources = [], []
+    for n, (w, te) in weights.items():
+        entry = session.catalogue.get(n)
+        adapter, _ = load_adapter(entry.path, lpb)
+        parts += _parts(adapter, w, te)
+        sources.append({"name": n, "file": entry.path.name, "weight": w, "te_weight": w if te is None else te})
+    try:
+        merged, energy = merge(parts, svd_rank)
+    except ValueError as e:
+        raise ImgloraError(str(e), "blend adapters made for the same base model") from None
+    merged.arch = session.arch if merged.arch == "unknown" else merged.arch
+    meta = build_metadata(merged, merged.arch, name, extra={
+        "modelspec.merged_from": ", ".join(s["file"] for s in sources),
+        "imglora.merged_from": sources,
+        "imglora.merge_method": "exact concatenation" if svd_rank is None else f"svd rank {svd_rank}"})
+    save_adapter(target, merged, fmt="kohya" if fmt == "kohya" else "peft", metadata=meta, layers_per_block=lpb)
+    session.catalogue.scan()
+    ranks = "/".join(str(r) for r in sorted(merged.ranks()))
+    how = "exact concatenation" if energy is None else energy.line()
+    return f"Saved {target.name} to the adapters folder: {len(merged.modules)} modules, rank {ranks}, {how}."
+
+
+def bake_model(session: Session, blend: dict | None, name: str) -> str:
+    """Fold the blend into the base weights and save the pipeline as `<outputs>/models/<name>` (diffusers).
+
+    The live pipeline is left as it was: the LoRA wrappers are swapped out only while saving (so the
+    folder has the plain module names), then put back, and the exact base weights are restored.
+    """
+    name = check_name(name)
+    weights = active_weights(session.catalogue, blend)
+    if not weights:
+        raise ImgloraError("the blend is empty", "enable at least one adapter first")
+    target = session.outputs / "models" / name
+    if target.exists():
+        raise ImgloraError("already exists", "choose another name", path=target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TMP_MARK}", dir=target.parent))
+    try:
+        with session.using(weights, merge=True) as pipe:
+            swapped = []
+            try:
+                for key, layer in session.adapters.layers.items():
+                    component, path = split_component(key)
+                    root = session.adapters.components[component]
+                    unwrap(root, path)
+                    swapped.append((root, path, layer))
+                pipe.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                for root, path, layer in swapped:
+                    parent_path, _, child = path.rpartition(".")
+                    setattr(root.get_submodule(parent_path) if parent_path else root, child, layer)
+            session._unmerge()  # back to the exact base weights, adapters still loaded
+        source = Path(getattr(pipe, "_imglora_path", "") or "")
+        if (source / "imglora.json").is_file():  # the model's generation defaults travel with it
+            shutil.copy2(source / "imglora.json", tmp / "imglora.json")
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"Saved the base model with the blend baked in to {target} (a diffusers folder)."
+
+
+def create_ui(session: Session, blend: gr.State, catalogue_changed):
+    gr.Markdown("Save the **current blend** (enabled adapters at their weights) as one adapter file in the adapters "
+                "folder, or bake it into the base model.")
+    with gr.Row():
+        name = gr.Textbox(label="Adapter name", placeholder="my_blend", elem_id="export-name")
+        method = gr.Radio(["exact", "svd"], value="exact", label="Method (exact concatenation, or SVD to a rank)",
+                          elem_id="export-method")
+        rank = gr.Number(value=16, precision=0, label="SVD rank", elem_id="export-rank")
+        fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="Format", elem_id="export-format")
+    save = gr.Button("Save blend as adapter", elem_id="export-save")
+    with gr.Row():
+        model_name = gr.Textbox(label="Model folder name", placeholder="my_model", elem_id="bake-name")
+        bake = gr.Button("Bake blend into the base model", elem_id="bake")
+    status = gr.Markdown(elem_id="export-status")
+    save.click(in_page(partial(export_adapter, session)), [blend, name, method, rank, fmt], status,
+               api_name="export_adapter").then(**catalogue_changed)
+    bake.click(in_page(partial(bake_model, session)), [blend, model_name], status, api_name="bake",
+               concurrency_id="pipeline", concurrency_limit=1)
