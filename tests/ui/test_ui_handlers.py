@@ -1,0 +1,170 @@
+"""The app's handlers called as plain functions (no server, no browser), checked against the library."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from ui_helpers import SETTINGS, same_image
+
+from imglora.errors import ImgloraError
+
+
+def blend_of(**weights):
+    """blend_of(style_a=0.8, style_b=(0.5, 0.2)) -> the gr.State dict the page keeps."""
+    out = {}
+    for name, w in weights.items():
+        w, te = w if isinstance(w, tuple) else (w, None)
+        out[name] = {"on": True, "weight": w, "te": te}
+    return out
+
+
+def outputs_now(session):
+    return set(os.listdir(session.outputs)) if session.outputs.exists() else set()
+
+
+def test_the_folder_is_listed_with_a_reason_for_every_unusable_file(session):
+    rows = {r[0]: r for r in (e.row() for e in session.catalogue.scan())}
+    assert {"style_a", "style_b", "huge"} <= {n for n, r in rows.items() if r[3] == "ok"}
+    assert "incomplete safetensors" in rows["broken"][3]
+    assert "incompatible: made for SDXL" in rows["foreign"][3]
+    assert "outside the adapters folder" in rows["escape"][3]
+    assert "notes" not in rows  # only .safetensors files are adapters
+
+
+def test_a_blend_gives_the_librarys_image_and_the_png_records_it(session, expected):
+    blend = blend_of(style_a=0.8, style_b=-0.5)
+    items, seed, text = run(session, blend)
+    assert seed == 0 and same_image(items[0][0], expected({"style_a": 0.8, "style_b": -0.5}))
+    params = Image.open(items[0][0]).text["parameters"]
+    assert params.startswith("a red circle <lora:style_a:0.8> <lora:style_b:-0.5>\nSteps: 2, Sampler: DDIM")
+    assert "Seed: 0, Size: 32x32" in params
+    # A weight is just a number: the next generation uses the new one, nothing is reloaded.
+    loaded = dict(session.loaded)
+    items, _, _ = run(session, blend_of(style_a=1.5, style_b=-0.5))
+    assert same_image(items[0][0], expected({"style_a": 1.5, "style_b": -0.5}))
+    assert session.loaded == loaded
+
+
+def test_the_a1111_prompt_syntax_enables_adapters_by_name(session, expected):
+    items, _, text = run(session, {}, prompt="a red circle <lora:style_b:0.7>")
+    assert same_image(items[0][0], expected({"style_b": 0.7}))
+    assert text.startswith("a red circle <lora:style_b:0.7>")
+    # <lora:name:te:unet>: A1111's order; the prompt's tag overrides the blend for that adapter.
+    items, _, _ = run(session, blend_of(style_a=0.3), prompt="a red circle <lora:style_a:0.2:0.9>")
+    assert same_image(items[0][0], expected({"style_a": (0.9, 0.2)}))
+
+
+def test_separate_text_encoder_weight_and_merge_mode(session, expected):
+    want = expected({"style_a": (0.6, -0.4)})
+    items, _, _ = run(session, blend_of(style_a=(0.6, -0.4)))
+    assert same_image(items[0][0], want)
+    items, _, _ = run(session, blend_of(style_a=(0.6, -0.4)), merge=True)
+    assert same_image(items[0][0], want, tol=2) and session.adapters.merged
+    items, _, _ = run(session, {})  # back to runtime mode: the exact base weights again
+    assert not session.adapters.merged and same_image(items[0][0], expected({}), tol=0)
+
+
+def test_a_grid_is_one_batch_equal_to_single_generations(session, expected):
+    from ui.tabs.compare import run_grid
+
+    grid, cells, notes = run_grid(session, blend_of(style_b=0.5), "a red circle", x_name="style_a",
+                                  x_values="0, 1", y_name="style_b", y_values="-1, 1", seed=3, **SETTINGS)
+    assert "4 images in one batch" in notes
+    for (image, label), (a, b) in zip(cells, [(0, -1), (1, -1), (0, 1), (1, 1)]):
+        assert label == f"style_a {a}, style_b {b}"
+        assert same_image(image, expected({"style_a": a, "style_b": b}, seed=3))
+    assert Image.open(grid).size == (70 + 2 * 32, 2 * (32 + 14))  # labelled: caption strips and row labels
+    assert "Grid: X: style_a 0, 1; Y: style_b -1, 1" in Image.open(grid).text["parameters"]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_output_is_a_message_and_nothing_is_saved(session):
+    from ui.session import NonFinite
+
+    before = outputs_now(session)
+    with pytest.raises(NonFinite, match="NaN or Inf"):
+        run(session, blend_of(huge=1.0))
+    assert outputs_now(session) == before
+
+
+def test_images_are_numbered_and_never_overwritten(session):
+    session.outputs.mkdir(parents=True, exist_ok=True)
+    taken = session.outputs / "imglora-00500.png"
+    taken.write_bytes(b"someone's file")
+    items, _, _ = run(session, {})
+    assert os.path.basename(items[0][0]) == "imglora-00501.png"
+    assert taken.read_bytes() == b"someone's file"
+
+
+def test_bad_settings_and_unknown_adapters_are_messages(session):
+    with pytest.raises(ImgloraError, match="multiple of 8"):
+        run(session, {}, width=33)
+    with pytest.raises(ImgloraError, match="no adapter named 'nope'"):
+        run(session, {}, prompt="x <lora:nope:1>")
+    with pytest.raises(ImgloraError, match="incompatible: made for SDXL"):
+        run(session, {}, prompt="x <lora:foreign:1>")
+    with pytest.raises(ImgloraError, match="out of range"):
+        run(session, blend_of(style_a=1e9))
+
+
+@pytest.mark.parametrize("text, clean, found", [
+    ("a cat <lora:x:0.5>, best", "a cat , best", {"x": (0.5, None)}),
+    ("<lora:x> a cat", "a cat", {"x": (1.0, None)}),
+    ("a <LORA:x:0.25:1> cat", "a cat", {"x": (1.0, 0.25)}),
+    ("a cat", "a cat", {}),
+])
+def test_prompt_tags_are_parsed(text, clean, found):
+    from ui.blend import parse_prompt
+
+    assert parse_prompt(text) == (clean, found)
+
+
+def test_the_blend_exports_as_one_adapter_that_gives_the_same_image(session, expected):
+    from ui.tabs.export import export_adapter
+
+    blend = blend_of(style_a=0.8, style_b=(-0.5, 0.3))
+    message = export_adapter(session, blend, "blended_exact")
+    assert "blended_exact.safetensors" in message and "exact concatenation" in message
+    path = session.catalogue.folder / "blended_exact.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    sources = json.loads(meta["imglora.merged_from"])
+    assert [(s["name"], s["weight"], s["te_weight"]) for s in sources] == [("style_a", 0.8, 0.8),
+                                                                            ("style_b", -0.5, 0.3)]
+    assert meta["modelspec.merged_from"] == "style_a.safetensors, style_b.safetensors"
+    items, _, _ = run(session, blend_of(blended_exact=1.0))
+    assert same_image(items[0][0], expected({"style_a": 0.8, "style_b": (-0.5, 0.3)}), tol=2)
+    message = export_adapter(session, blend, "blended_svd", method="svd", rank=2)
+    assert "retained energy" in message and load_file(session.catalogue.folder / "blended_svd.safetensors")
+    with pytest.raises(ImgloraError, match="already exists"):
+        export_adapter(session, blend, "blended_exact")
+
+
+def test_baking_saves_a_diffusers_folder_and_leaves_the_live_pipeline_as_it_was(session, expected):
+    from imglora.generate import GenerateArgs, generate
+    from imglora.models.load import load_pipeline
+    from ui.tabs.export import bake_model
+
+    before, _, _ = run(session, {})
+    n_layers = len(session.adapters.layers)
+    message = bake_model(session, blend_of(style_a=0.8, style_b=-0.5), "baked")
+    folder = session.outputs / "models" / "baked"
+    assert str(folder) in message and (folder / "model_index.json").is_file()
+    baked = load_pipeline(folder)
+    image = generate(baked, GenerateArgs("a red circle", seed=0, **SETTINGS))[0]
+    assert same_image(image, expected({"style_a": 0.8, "style_b": -0.5}), tol=2)
+    assert not any("lora" in k.lower() or ".base." in k for k in baked.unet.state_dict())
+    after, _, _ = run(session, {})
+    assert same_image(after[0][0], before[0][0], tol=0) and len(session.adapters.layers) == n_layers
+    items, _, _ = run(session, blend_of(style_a=0.8))  # the adapters are still loaded and work
+    assert same_image(items[0][0], expected({"style_a": 0.8}))
+
+
+def run(session, blend, prompt="a red circle", **kw):
+    from ui.tabs.generate import run_generate
+
+    return run_generate(session, blend, prompt, **{**SETTINGS, **kw})
