@@ -124,6 +124,18 @@ def train_command(args) -> None:
     train(load_config(args))
 
 
+def demo_command(args) -> None:
+    from .demo import run_demo, summary_line
+
+    result = run_demo(output=args.output, seed=args.seed, steps=args.steps)
+    print(summary_line(result), flush=True)
+    if args.ui:
+        from ui.app import launch
+
+        launch(model=None, adapters_dir=args.output, host="127.0.0.1", port=args.port, auth=None, share=False,
+               device="cpu", max_upload_mb=512)
+
+
 def ui_command(args) -> None:
     from ui.app import launch  # the app lives beside the library; only this edge imports it
 
@@ -185,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, required=True)
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=resize_command)
+
+    d = sub.add_parser("demo", help="teach the embedded model a new shape and show before/after")
+    d.add_argument("--output", default="imglora-demo", help="folder for the dataset, adapter and images")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
+    d.add_argument("--ui", action="store_true", help="then open the app with the new adapter")
+    d.add_argument("--port", type=int, default=7860)
+    d.set_defaults(func=demo_command)
 
     u = sub.add_parser("ui", help="open the web app to blend and compare adapters")
     u.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")

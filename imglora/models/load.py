@@ -54,14 +54,14 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", d
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model(model)
     if path.is_dir():
-        pipe = _load_folder(path, dtype)
+        pipe = _load_folder(path)
     else:
-        pipe = _load_single_file(path, dtype, config)
+        pipe = _load_single_file(path, config)
     pipe._imglora_path = str(path)
-    return pipe.to(device)
+    return pipe.to(device, dtype) if dtype != torch.float32 else pipe.to(device)
 
 
-def _load_folder(path: Path, dtype):
+def _load_folder(path: Path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     index = path / "model_index.json"
@@ -78,14 +78,14 @@ def _load_folder(path: Path, dtype):
                            "imglora trains SD 1.x, SD 2.x and SDXL pipelines", path=path)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
     try:
-        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ImgloraError(f"cannot load the model ({str(e).splitlines()[0]})",
                            "check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler)",
                            path=path) from None
 
 
-def _load_single_file(path: Path, dtype, config):
+def _load_single_file(path: Path, config):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if path.suffix not in (".safetensors", ".ckpt"):
@@ -105,7 +105,7 @@ def _load_single_file(path: Path, dtype, config):
     name = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
     try:
-        return cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
+        return cls.from_single_file(str(path), config=str(config), local_files_only=True)
     except Exception as e:
         raise ImgloraError(f"cannot load the checkpoint ({str(e).splitlines()[0][:200]})",
                            "check that --model-config matches the checkpoint's architecture", path=path) from None

@@ -1,0 +1,187 @@
+"""Multi-adapter inference: UNet forward time with N adapters at run time and merged, the cost of a
+weight change, a batch of different blends, memory over load/switch/unload cycles; ours beside
+diffusers+peft (`set_adapters`, `fuse_lora`) on the same UNet, runs interleaved, medians reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+from imglora.lora.adapters import Adapters
+from imglora.lora.state import Adapter, LoraModule
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int = 1) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def random_adapter(unet, keys: list[str], rank: int, seed: int) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for key in keys:
+        base = unet.get_submodule(key.split(".", 1)[1])
+        base = getattr(base, "base", base)
+        w = base.weight
+        in_dims = tuple(w.shape[1:])
+        A = torch.randn((rank, *in_dims), generator=g) * 0.02
+        B = torch.randn((w.shape[0], rank, *((1, 1) if w.dim() == 4 else ())), generator=g) * 0.02
+        modules[key] = LoraModule(A, B, float(rank))
+    return Adapter(modules)
+
+
+class UNetCall:
+    def __init__(self, unet, batch: int, size: int, device, dtype):
+        g = torch.Generator().manual_seed(0)
+        latent = size // 8
+        self.unet = unet
+        self.x = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+        self.t = torch.full((batch,), 500, device=device)
+        ctx_dim = unet.config.cross_attention_dim
+        self.ctx = torch.randn(batch, 77, ctx_dim, generator=g).to(device, dtype)
+        self.extra = {}
+        if unet.config.addition_embed_type == "text_time":
+            self.extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, generator=g).to(device, dtype),
+                                                "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype)}}
+
+    @torch.no_grad()
+    def __call__(self):
+        return self.unet(self.x, self.t, self.ctx, **self.extra).sample
+
+
+def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(0, 1, 2, 4, 8), rank: int = 16,
+                    reps: int = 3, cycles: int = 50, with_peft: bool = True, log=print) -> dict:
+    """All inference numbers for one UNet; returns a dict of medians and ratios."""
+    unet.to(device, dtype).eval()
+    holder = type("P", (), {})()
+    holder.unet = unet
+    ours = Adapters(holder)
+    keys = ours.targets("transformer")
+    adapters = [random_adapter(unet, keys, rank, seed=i) for i in range(max(counts))]
+    call = UNetCall(unet, batch, size, device, dtype)
+    call()  # warm-up
+    results: dict = {"modules": len(keys), "rank": rank, "size": size, "batch": batch}
+    for i, a in enumerate(adapters):
+        ours.load(f"a{i}", a, weight=0.0, dtype=dtype)
+
+    def set_active(n):
+        for i in range(len(adapters)):
+            ours.set_weight(f"a{i}", 0.5 if i < n else 0.0)
+
+    samples: dict[str, list[float]] = {}
+    for _ in range(reps):  # interleave every configuration in each repetition
+        for n in counts:
+            set_active(n)
+            call()
+            samples.setdefault(f"runtime_{n}", []).append(timed(call, device))
+            if n:
+                ours.merge()
+                samples.setdefault(f"merged_{n}", []).append(timed(call, device))
+                t = timed(lambda: ours.set_weight("a0", 0.4), device)  # re-merge of the whole blend
+                samples.setdefault(f"remerge_{n}", []).append(t)
+                ours.unmerge()
+    set_active(4 if 4 in counts else max(counts))
+    grid_call = UNetCall(unet, 4, size, device, dtype)
+    for _ in range(reps):
+        ours.set_sample_weights(None)
+        samples.setdefault("batch4_one_blend", []).append(timed(grid_call, device))
+        ours.set_sample_weights([{f"a{j}": 0.25 * (k + 1) * (j % 2 * 2 - 1) for j in range(4)} for k in range(4)])
+        samples.setdefault("batch4_four_blends", []).append(timed(grid_call, device))
+    ours.set_sample_weights(None)
+    samples["set_weight_runtime"] = [timed(lambda: ours.set_weight("a0", 0.3), device) for _ in range(reps)]
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    base = med["runtime_0"]
+    for n in counts:
+        results[f"ours_runtime_{n}_x"] = med[f"runtime_{n}"] / base
+        if n:
+            results[f"ours_merged_{n}_x"] = med[f"merged_{n}"] / base
+            results[f"ours_weight_change_merged_{n}_forwards"] = med[f"remerge_{n}"] / base
+    results["base_forward_s"] = base
+    results["ours_weight_change_runtime_s"] = med["set_weight_runtime"]
+    results["ours_grid4_vs_batch4_x"] = med["batch4_four_blends"] / med["batch4_one_blend"]
+    ours.remove_all()
+
+    # Memory: load, switch weights and unload adapters many times; RSS (or CUDA memory) must stay flat.
+    def memory():
+        gc.collect()
+        return torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss_mb()
+
+    for _ in range(3):
+        _cycle(ours, adapters[:2], call, dtype)
+    start = memory()
+    for _ in range(cycles):
+        _cycle(ours, adapters[:2], call, dtype)
+    results["memory_growth_pct"] = 100 * (memory() - start) / start
+    log(f"ours: {results}")
+    if with_peft:
+        results.update(bench_peft(unet, keys, adapters, counts, call, device, reps))
+    return results
+
+
+def _cycle(ours, adapters, call, dtype):
+    for i, a in enumerate(adapters):
+        ours.load(f"c{i}", a, weight=0.5, dtype=dtype)
+    ours.set_weight("c0", 0.8)
+    ours.merge()
+    ours.set_weight("c1", 0.2)
+    ours.unmerge()
+    ours.remove_all()
+
+
+def bench_peft(unet, keys, adapters, counts, call, device, reps) -> dict:
+    """The same blends through peft layers (what diffusers' load_lora_weights + set_adapters builds)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    targets = [k.split(".", 1)[1] for k in keys]
+    names = []
+    for i, a in enumerate(adapters):
+        name = f"p{i}"
+        rank = next(iter(a.modules.values())).rank
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), adapter_name=name)
+        state = {}
+        for key, m in a.modules.items():
+            path = key.split(".", 1)[1]
+            state[f"{path}.lora_A.weight"] = m.A
+            state[f"{path}.lora_B.weight"] = m.B
+        set_peft_model_state_dict(unet, state, adapter_name=name)
+        names.append(name)
+    unet.to(device, call.x.dtype)
+    samples: dict[str, list[float]] = {}
+    for _ in range(reps):
+        unet.disable_adapters()
+        samples.setdefault("base", []).append(timed(call, device))
+        unet.enable_adapters()
+        for n in counts:
+            if not n:
+                continue
+            unet.set_adapters(names[:n], [0.5] * n)
+            call()
+            samples.setdefault(f"runtime_{n}", []).append(timed(call, device))
+        unet.set_adapters(names[:4], [0.5] * 4)
+        samples.setdefault("fuse_4", []).append(timed(lambda: unet.fuse_lora(lora_scale=1.0,
+                                                                             adapter_names=names[:4]), device))
+        unet.unfuse_lora()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    out = {f"peft_runtime_{n}_x": med[f"runtime_{n}"] / med["base"] for n in counts if n}
+    out["peft_fuse_4_forwards"] = med["fuse_4"] / med["base"]
+    unet.delete_adapters(names)
+    return out

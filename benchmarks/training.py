@@ -1,0 +1,148 @@
+"""Training speed and memory: `imglora train` beside diffusers' train_text_to_image_lora.py and the limit.
+
+Both run as fresh processes at equal settings (model, data, steps, batch, resolution, rank, targets
+`attn`, no text encoder), alternating, median of the pairs. Peak memory comes from the same probe in
+both processes (benchmarks/probe/sitecustomize.py). The limit is the frozen UNet's forward plus
+backward to its input at the same shapes: the least work any LoRA step must do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
+    """The same synthetic images as sidecar captions (ours) and an imagefolder metadata.jsonl (the peer)."""
+    from imglora.data.synth import synth_shapes
+
+    ours, peer = root / "ours", root / "peer"
+    if not ours.is_dir():
+        written = synth_shapes(ours, n, seed=0, size=size)
+        peer.mkdir(parents=True)
+        with open(peer / "metadata.jsonl", "w") as f:
+            for path, sample in written:
+                os.link(path, peer / path.name)
+                f.write(json.dumps({"file_name": path.name, "text": sample.caption}) + "\n")
+    return ours, peer
+
+
+def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
+    """Wall time and peak memory of one process."""
+    probe = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", IMGLORA_PROBE_OUT=probe, PYTHONUNBUFFERED="1", **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "probe"), env_extra.get("PYTHONPATH", ""), str(HERE.parent)])
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    rows = [json.loads(line) for line in Path(probe).read_text().splitlines()]
+    os.unlink(probe)
+    peak = max(rows, key=lambda d: d["maxrss_mb"])
+    return {"wall_s": wall, **peak}
+
+
+def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
+    cmd = [sys.executable, "-m", "imglora.cli", "train", "--data", str(data), "--output", str(out), "--steps",
+           str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
+           str(rank), "--lr", "1e-4", "--targets", "attn", "--seed", "0", "--overwrite", "--save-precision", "fp32",
+           "--bucket-step", str(min(64, size)), "--mixed-precision", {"fp32": "no"}.get(args.dtype, args.dtype)]
+    if model:
+        cmd += ["--model", str(model)]
+    if args.device == "cuda":
+        cmd += ["--device", "cuda"]
+    return cmd
+
+
+def peer_cmd(script, model, data, out, steps, batch, size, rank, args) -> list[str]:
+    return [sys.executable, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+            "--caption_column", "text", "--resolution", str(size), "--center_crop", "--train_batch_size", str(batch),
+            "--max_train_steps", str(steps), "--rank", str(rank), "--learning_rate", "1e-4", "--lr_scheduler",
+            "constant", "--seed", "0", "--output_dir", str(out), "--checkpointing_steps", "1000000",
+            "--dataloader_num_workers", "0", "--mixed_precision", {"fp32": "no"}.get(args.dtype, args.dtype),
+            "--report_to", "tensorboard"]
+
+
+def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) -> float:
+    """Frozen UNet forward + backward to its input: what remains when everything else is free."""
+    from imglora.models.load import load_pipeline
+
+    unet = load_pipeline(model).unet.to(device, dtype)
+    unet.requires_grad_(False)
+    latent = size // 8
+    x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
+    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    t = torch.full((batch,), 500, device=device)
+    times = []
+    for i in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        unet(x, t, ctx).sample.float().square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_training(model, args) -> dict:
+    """Whole-run wall time and memory vs the peer; steady-state step time (two run lengths) vs the limit."""
+    work = Path(tempfile.mkdtemp(prefix="imglora-bench-"))
+    n_images = max(16, args.batch * 4)
+    ours_data, peer_data = make_data(work / "data", n_images, args.size)
+    model_dir = model
+    if model is None:
+        from imglora.models.embedded import default_model_path
+
+        model_dir = default_model_path()
+    rank = 4
+    shim = {"PYTHONPATH": str(HERE / "peer_shim")}
+    pairs = {"ours": [], "peer": []}
+    lengths = (args.steps, args.steps * 2) if args.steps <= 10 else (args.steps,)
+    for rep in range(args.reps):
+        for steps in lengths:
+            pairs["ours"].append((steps, run(ours_cmd(model_dir, ours_data, work / "o", steps, args.batch, args.size,
+                                                      rank, args), {})))
+            if args.diffusers_script:
+                pairs["peer"].append((steps, run(peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p",
+                                                          steps, args.batch, args.size, rank, args), shim)))
+            print(f"rep {rep} steps {steps}: " + ", ".join(
+                f"{k} {v[-1][1]['wall_s']:.1f}s" for k, v in pairs.items() if v), file=sys.stderr)
+    out: dict = {"size": args.size, "batch": args.batch, "steps": args.steps, "rank": rank, "targets": "attn"}
+    for who, runs in pairs.items():
+        if not runs:
+            continue
+        first = [r for s, r in runs if s == lengths[0]]
+        out[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in first)
+        out[f"{who}_peak_rss_mb"] = statistics.median(r["maxrss_mb"] for r in first)
+        if "cuda_max_allocated_mb" in first[0]:
+            out[f"{who}_cuda_peak_mb"] = statistics.median(r["cuda_max_allocated_mb"] for r in first)
+        if len(lengths) == 2:  # steady state: the difference of two run lengths cancels start-up and caching
+            second = [r for s, r in runs if s == lengths[1]]
+            step = (statistics.median(r["wall_s"] for r in second) - out[f"{who}_wall_s"]) / (lengths[1] - lengths[0])
+            out[f"{who}_step_s"] = step
+    if "peer_wall_s" in out:
+        out["speedup_wall_x"] = out["peer_wall_s"] / out["ours_wall_s"]
+        out["memory_ratio"] = out["ours_peak_rss_mb"] / out["peer_peak_rss_mb"]
+        if "ours_cuda_peak_mb" in out:
+            out["cuda_memory_ratio"] = out["ours_cuda_peak_mb"] / out["peer_cuda_peak_mb"]
+        if "ours_step_s" in out:
+            out["speedup_step_x"] = out["peer_step_s"] / out["ours_step_s"]
+    if "ours_step_s" in out:
+        device = torch.device(args.device)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        out["limit_s"] = limit_seconds(model_dir, args.size, args.batch, device, dtype)
+        out["step_over_limit"] = out["ours_step_s"] / out["limit_s"]
+    return out
