@@ -42,7 +42,8 @@ def build_app(session: Session) -> gr.Blocks:
         rows.change(choices, rows, [grid["x_name"], grid["y_name"]], api_visibility="private")
         # A page (re)load lists the folder as it is now.
         demo.load(**catalogue_changed)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    # Listing, cards and blend edits may overlap; every pipeline event has concurrency_id="pipeline", limit 1.
+    demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
 
 

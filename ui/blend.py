@@ -45,7 +45,7 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, tuple[float, float | None]
     """Strip <lora:...> tags from a prompt; returns (clean prompt, {name: (unet weight, te weight)})."""
     found: dict[str, tuple[float, float | None]] = {}
     for m in LORA_TAG.finditer(prompt or ""):
-        name = check_name(m.group(1).strip())
+        name = check_name(m.group(1))
         args = [a.strip() for a in m.group(2).split(":")[1:]]
         if not args or args == [""]:
             found[name] = (1.0, None)

@@ -168,3 +168,65 @@ def run(session, blend, prompt="a red circle", **kw):
     from ui.tabs.generate import run_generate
 
     return run_generate(session, blend, prompt, **{**SETTINGS, **kw})
+
+
+def test_bad_uploads_are_messages_and_nothing_lands_in_the_folder(session, ui_files, tmp_path):
+    import io
+    import struct
+
+    import torch
+    from safetensors.torch import save
+
+    from ui.tabs.adapters import upload_adapter
+
+    good = (ui_files["adapters"] / "style_a.safetensors").read_bytes()
+    pickle = io.BytesIO()
+    torch.save({"a": torch.zeros(2)}, pickle)
+    bad = {  # RELIABILITY.md U3: junk, oversize and the F1-F5 files
+        "junk.safetensors": b"this is not a tensor file at all",
+        "empty.safetensors": b"",
+        "cut.safetensors": good[: len(good) // 2],
+        "trailing.safetensors": good + b"\0\0",
+        "lfs.safetensors": b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n",
+        "pickle.safetensors": pickle.getvalue(),
+        "bomb.safetensors": struct.pack("<Q", 2**40) + b"{}",
+        "nan.safetensors": save({"lora_unet_x.lora_down.weight": torch.tensor([[float("nan")]])}),
+        "dup.safetensors": _duplicate_key_file(),
+        "big.safetensors": good + b" " * (2 * 2**20),  # over the 1 MB limit of this session
+        "weights.pt": good,
+        "sdxl.safetensors": (ui_files["adapters"] / "foreign.safetensors").read_bytes(),
+    }
+    before = sorted(os.listdir(session.catalogue.folder))
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImgloraError) as e:
+            upload_adapter(session, str(tmp_path / name))
+        assert e.value.path == name, e.value  # the message names the file the user chose
+    assert sorted(os.listdir(session.catalogue.folder)) == before  # no temp file left either
+
+    (tmp_path / "my style.safetensors").write_bytes(good)
+    assert "'my_style'" in upload_adapter(session, str(tmp_path / "my style.safetensors"))
+    assert "'my_style_2'" in upload_adapter(session, str(tmp_path / "my style.safetensors"))  # never replaced
+    assert {"my_style", "my_style_2"} <= set(session.catalogue.names())
+
+
+def _duplicate_key_file() -> bytes:
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    return len(header).to_bytes(8, "little") + header + b"\0" * 4
+
+
+def test_uploads_are_off_when_served_beyond_this_machine_without_a_login(ui_files):
+    from ui.app import network_policy
+    from ui.session import Session
+    from ui.tabs.adapters import upload_adapter
+
+    assert network_policy("127.0.0.1", None, False) == (True, None)
+    assert network_policy("localhost", None, False) == (True, None)
+    assert network_policy("0.0.0.0", "me:secret", False) == (True, None)
+    for host, share in (("0.0.0.0", False), ("192.168.1.5", False), ("127.0.0.1", True)):
+        uploads, warning = network_policy(host, None, share)
+        assert not uploads and "Uploads are disabled" in warning and "--auth" in warning
+    closed = Session.__new__(Session)
+    closed.uploads_enabled = False
+    with pytest.raises(ImgloraError, match="uploads are disabled"):
+        upload_adapter(closed, str(ui_files["adapters"] / "style_a.safetensors"))
