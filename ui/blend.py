@@ -33,12 +33,25 @@ def _weight(value, what: str) -> float:
 
 
 def set_adapter(catalogue: Catalogue, blend: dict | None, name, on: bool, weight, te_weight=None) -> dict:
-    """A new blend with one adapter changed. The name must be in the adapters list; nothing is read."""
+    """A new blend with one adapter changed. The name must be in the adapters list; nothing is read.
+
+    Turning an adapter off removes it, and needs only a well-formed name, so an adapter that has left
+    the folder can still be taken out of a blend.
+    """
+    new = {k: dict(v) for k, v in (blend or {}).items()}
+    if not on:
+        new.pop(check_name(name), None)
+        return new
     catalogue.get(name)
     te = None if te_weight is None or te_weight == "" else _weight(te_weight, "text-encoder weight")
-    new = {k: dict(v) for k, v in (blend or {}).items()}
-    new[name] = {"on": bool(on), "weight": _weight(weight, "weight"), "te": te}
+    new[name] = {"on": True, "weight": _weight(weight, "weight"), "te": te}
     return new
+
+
+def prune(catalogue: Catalogue, blend: dict | None) -> dict:
+    """The blend without adapters that are no longer usable (removed or broken since they were enabled)."""
+    usable = set(catalogue.names())
+    return {k: dict(v) for k, v in (blend or {}).items() if k in usable}
 
 
 def parse_prompt(prompt: str) -> tuple[str, dict[str, tuple[float, float | None]]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from imglora.errors import ImgloraError
-from imglora.formats.files import atomic_write, clean_temp_files
+from imglora.formats.files import clean_temp_files
 from imglora.formats.lora_file import attach
 from imglora.generate import save_png
 from imglora.lora.adapters import Adapters
@@ -153,9 +153,6 @@ class Session:
                     if not (self.outputs / f"{prefix}-{k:05d}.png").exists():
                         raise
                     k += 1  # another process took this number meanwhile
-
-    def write_file(self, path: Path, data: bytes) -> Path:
-        return atomic_write(path, lambda f: f.write(data))
 
 
 class _NonFiniteWatch:

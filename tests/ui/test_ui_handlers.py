@@ -230,3 +230,65 @@ def test_uploads_are_off_when_served_beyond_this_machine_without_a_login(ui_file
     closed.uploads_enabled = False
     with pytest.raises(ImgloraError, match="uploads are disabled"):
         upload_adapter(closed, str(ui_files["adapters"] / "style_a.safetensors"))
+
+
+def test_the_card_shows_base_model_rank_targets_trigger_words_and_top_tags(session, ui_files):
+    from imglora.formats.lora_file import load_adapter, save_adapter
+    from ui.tabs.adapters import card_markdown
+
+    adapter, _ = load_adapter(ui_files["adapters"] / "style_a.safetensors")
+    tags = {"data/5_zorbly": {"zorbly": 12, "red circle": 7, "<script>": 1}, "reg": {"red circle": 3}}
+    save_adapter(session.catalogue.folder / "tagged.safetensors", adapter, metadata={
+        "ss_base_model_version": "sd_v1", "modelspec.trigger_phrase": "zorbly", "ss_tag_frequency": json.dumps(tags)})
+    save_adapter(session.catalogue.folder / "badjson.safetensors", adapter, metadata={"ss_tag_frequency": "{oops"})
+    session.catalogue.scan()
+    card = card_markdown(session.catalogue, "tagged")
+    assert card.startswith("**tagged** · SD 1.x · kohya · 28 modules")
+    assert "- rank: 4; alpha: 2" in card and "- unet: attn2.to_k ×4" in card and "q_proj ×3" in card
+    assert "- trigger words: `zorbly`" in card
+    assert "- top tags: zorbly (12), red circle (10), &lt;script&gt; (1)" in card  # metadata is shown as text
+    assert "warning: metadata ss_tag_frequency is not valid JSON" in card_markdown(session.catalogue, "badjson")
+
+
+def test_an_adapter_that_left_the_folder_can_still_be_switched_off(session, ui_files):
+    import shutil
+
+    from ui.blend import prune, set_adapter
+
+    shutil.copy(ui_files["adapters"] / "style_b.safetensors", session.catalogue.folder / "leaving.safetensors")
+    session.catalogue.scan()
+    blend = set_adapter(session.catalogue, {}, "leaving", True, 0.5)
+    (session.catalogue.folder / "leaving.safetensors").unlink()
+    session.catalogue.scan()
+    with pytest.raises(ImgloraError, match="no adapter named 'leaving'"):
+        run(session, blend)
+    assert set_adapter(session.catalogue, blend, "leaving", False, 0.5) == {}
+    assert prune(session.catalogue, blend) == {}  # what the page does when the list changes
+
+
+def test_sdxl_pipelines_blend_the_same_way(tmp_path):
+    import copy
+
+    import torch
+
+    from imglora.formats.lora_file import attach, save_adapter
+    from imglora.generate import GenerateArgs, generate
+    from imglora.lora.adapters import Adapters
+    from imglora.models.tiny import tiny_sdxl_pipeline
+    from ui.session import Session
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "build")
+    reference = copy.deepcopy(pipe)
+    adapters = Adapters(copy.deepcopy(pipe))
+    params = adapters.create("x", adapters.targets("attn", text_encoder=True), rank=2)
+    for p in params:
+        p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.3
+    adapter = adapters.export("x")
+    adapter.arch = "sdxl"
+    save_adapter(tmp_path / "adapters" / "xl.safetensors", adapter, layers_per_block=2)
+    session = Session(pipe, tmp_path / "adapters", tmp_path / "outputs")
+    items, _, text = run(session, blend_of(xl=(0.7, 0.4)))
+    ref = Adapters(reference)
+    attach(ref, tmp_path / "adapters" / "xl.safetensors", weight=0.7, te_weight=0.4, name="xl", model_arch="sdxl")
+    want = generate(reference, GenerateArgs("a red circle", seed=0, **SETTINGS), ref)[0]
+    assert same_image(items[0][0], want) and "<lora:xl:0.4:0.7>" in text

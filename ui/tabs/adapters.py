@@ -18,7 +18,7 @@ from imglora.formats.files import TMP_MARK
 from imglora.formats.lora_file import ARCH_NAMES, adapter_name, load_adapter
 from imglora.models.load import layers_per_block
 
-from ..blend import WEIGHT_LIMIT, active_weights, set_adapter, summary
+from ..blend import WEIGHT_LIMIT, active_weights, prune, set_adapter, summary
 from ..catalogue import SUFFIX, Catalogue
 from ..messages import in_page
 from ..session import Session
@@ -111,6 +111,11 @@ def upload_adapter(session: Session, file) -> str:
     return f"Added {target.name} as adapter {name!r}."
 
 
+def _pruned(session: Session, blend):
+    new = prune(session.catalogue, blend)
+    return new, summary(active_weights(session.catalogue, new))
+
+
 def api_set_adapter(session: Session, blend, name, on, weight, te_weight):
     new = set_adapter(session.catalogue, blend, name, on, weight, te_weight)
     return new, summary(active_weights(session.catalogue, new))
@@ -178,4 +183,5 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
             gr.Markdown("Uploads are disabled: the app listens beyond this machine without a login (--auth).")
 
     refresh.click(partial(_listing_twice, session), None, [rows, table], api_name="refresh")
+    rows.change(partial(_pruned, session), blend, [blend, current], api_visibility="private")
     return rows, changed
