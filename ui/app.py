@@ -37,7 +37,7 @@ def build_app(session: Session) -> gr.Blocks:
                         export.create_ui(session, blend, catalogue_changed)
 
         def choices(listed):
-            names = [r[0] for r in listed if r[-1] == "ok"]
+            names = [r[0] for r in listed if r[1] == "ok"]
             return gr.update(choices=names), gr.update(choices=[""] + names)
         rows.change(choices, rows, [grid["x_name"], grid["y_name"]], api_visibility="private")
         # A page (re)load lists the folder as it is now.

@@ -39,8 +39,9 @@ class Entry:
         return self.error is None
 
     def row(self) -> list[str]:
-        status = "ok" if self.usable else self.error
-        return [self.name, ARCH_NAMES.get(self.arch, self.arch), self.path.name, status]
+        """[name, status, base model, file]: the status first, as it is what a user looks for."""
+        arch = "unknown" if self.arch == "unknown" else ARCH_NAMES.get(self.arch, self.arch)
+        return [self.name, "ok" if self.usable else self.error, arch, self.path.name]
 
 
 def header_arch(header: dict, metadata: dict[str, str]) -> str:

@@ -11,6 +11,7 @@ import functools
 import logging
 
 import gradio as gr
+import torch
 
 from imglora.errors import ImgloraError
 from imglora.lora.adapters import AdapterError
@@ -27,6 +28,9 @@ def in_page(fn):
             raise
         except (ImgloraError, AdapterError) as e:
             raise gr.Error(str(e), print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("out of GPU memory — use fewer images, a smaller size, or fewer grid cells",
+                           print_exception=False) from None
         except Exception as e:  # a bug: say what happened, keep the details on the server
             log.exception("error in %s", getattr(fn, "__name__", "handler"))
             raise gr.Error(f"internal error ({type(e).__name__}: {str(e)[:200]}); details are in the server log",

@@ -46,6 +46,8 @@ def open_model(model, device: str = "cpu"):
     try:
         return load_pipeline(model, device=device, dtype=dtype)
     except ImportError:
+        if model is not None:
+            raise
         raise ImgloraError("no --model given and the embedded default model is not installed",
                            "pass --model PATH (a diffusers folder)") from None
 
@@ -80,6 +82,7 @@ class Session:
         sample_rows: leave it unmerged, for per-image blends (comparison grids).
         """
         with self.lock:
+            self._drop_gone()
             for name in weights:
                 self._ensure_loaded(name)
             self._set_blend(weights, merge and not sample_rows)
@@ -96,11 +99,10 @@ class Session:
         entry = self.catalogue.get(name)
         if self.loaded.get(name) == (entry.path, entry.fingerprint):
             return
+        self.unmerge()
         if name in self.adapters.names:  # the file changed since it was loaded
-            self._unmerge()
             self.adapters.remove(name)
             self.loaded.pop(name, None)
-        self._unmerge()
         try:
             self.catalogue.card(name)  # the strict full read: NaN, keys, arch (cached per file version)
             attach(self.adapters, entry.path, weight=0.0, name=name, model_arch=self.arch)
@@ -110,11 +112,18 @@ class Session:
             raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "", path=entry.path.name) from None
         self.loaded[name] = (entry.path, entry.fingerprint)
 
+    def _drop_gone(self) -> None:
+        """Unload adapters whose file has left the folder (they hold memory, and nobody can ask for them)."""
+        for name in [n for n in self.loaded if n not in self.catalogue.entries]:
+            self.unmerge()
+            self.adapters.remove(name)
+            del self.loaded[name]
+
     def _set_blend(self, weights: dict, merge: bool) -> None:
         key = tuple(sorted(weights.items()))
         if merge and self.merged_blend == key:
             return  # already folded in: no per-step cost, nothing to redo
-        self._unmerge()
+        self.unmerge()
         for name in self.adapters.names:
             w, te = weights.get(name, (0.0, None))
             self.adapters.enable(name, name in weights)
@@ -123,7 +132,8 @@ class Session:
             self.adapters.merge()
             self.merged_blend = key
 
-    def _unmerge(self) -> None:
+    def unmerge(self) -> None:
+        """Back to the exact base weights (the adapters stay loaded)."""
         if self.adapters.merged:
             self.adapters.unmerge()
         self.merged_blend = None

@@ -30,7 +30,7 @@ def test_imglora_ui_prints_its_loopback_address_and_requires_the_login(ui_files,
             Client(url, verbose=False)
         table = Client(url, auth=("me", "secret"), verbose=False).predict(api_name="/refresh")
         listed = {row[0]: row for row in table["data"]}
-        assert listed["style_a"][3] == "ok" and "incomplete" in listed["broken"][3]
+        assert listed["style_a"][1] == "ok" and "incomplete" in listed["broken"][1]
     finally:
         proc.terminate()
         proc.wait(30)

@@ -23,7 +23,7 @@ from ..catalogue import SUFFIX, Catalogue
 from ..messages import in_page
 from ..session import Session
 
-HEADERS = ["name", "base model", "file", "status"]
+HEADERS = ["name", "status", "base model", "file"]
 
 
 def listing(session: Session) -> list[list[str]]:
@@ -133,7 +133,7 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
 
     @gr.render(inputs=[rows, blend, separate_te], triggers=[demo.load, rows.change, separate_te.change])
     def adapter_rows(listed, user_blend, separate):
-        for name, *_rest, status in listed:
+        for name, status, *_ in listed:
             if status != "ok":
                 continue
             mine = (user_blend or {}).get(name, {})

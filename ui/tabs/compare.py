@@ -52,6 +52,8 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
              y_name: str | None = "", y_values: str = ""):
     """Returns (grid PNG path, cells [(image, label)], notes)."""
     steps, guidance, width, height, seed = check_settings(steps, guidance, width, height, seed)
+    if not x_name:
+        raise ImgloraError("no X adapter chosen", "choose the adapter whose weight the grid sweeps")
     x_name = check_name(x_name)
     y_name = check_name(y_name) if y_name else None
     if y_name == x_name:

@@ -46,8 +46,10 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
     target = session.catalogue.folder / f"{name}.safetensors"
     if target.exists():
         raise ImgloraError("already exists", "choose another name", path=target.name)
+    if method not in ("exact", "svd"):
+        raise ImgloraError(f"unknown method {method!r}", "choose exact or svd")
     svd_rank = None
-    if method != "exact":
+    if method == "svd":
         svd_rank = int(rank or 0)
         if not 1 <= svd_rank <= 1024:
             raise ImgloraError(f"rank {rank} is out of range", "use a rank from 1 to 1024")
@@ -103,7 +105,7 @@ def bake_model(session: Session, blend: dict | None, name: str) -> str:
                 for root, path, layer in swapped:
                     parent_path, _, child = path.rpartition(".")
                     setattr(root.get_submodule(parent_path) if parent_path else root, child, layer)
-            session._unmerge()  # back to the exact base weights, adapters still loaded
+            session.unmerge()  # the exact base weights again; the adapters stay loaded
         source = Path(getattr(pipe, "_imglora_path", "") or "")
         if (source / "imglora.json").is_file():  # the model's generation defaults travel with it
             shutil.copy2(source / "imglora.json", tmp / "imglora.json")

@@ -47,7 +47,10 @@ def run_generate(session: Session, blend: dict | None, prompt: str, negative: st
     if randomize:
         seed = random.randint(0, MAX_SEED - MAX_BATCH)
     steps, guidance, width, height, seed = check_settings(steps, guidance, width, height, seed)
-    batch = int(batch)
+    try:
+        batch = int(batch)
+    except (TypeError, ValueError):
+        raise ImgloraError(f"batch size {batch!r} is not a number", f"use 1 to {MAX_BATCH}") from None
     if not 1 <= batch <= MAX_BATCH:
         raise ImgloraError(f"batch size {batch} is out of range", f"use 1 to {MAX_BATCH}")
     text, prompt_loras = parse_prompt(prompt)
