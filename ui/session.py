@@ -74,8 +74,8 @@ class Session:
 
     # -- the pipeline, under the lock ---------------------------------------------------------------
     @contextlib.contextmanager
-    def using(self, weights: dict[str, tuple[float, float | None]], merge: bool = False, scheduler: str = "model default",
-              sample_rows: bool = False):
+    def using(self, weights: dict[str, tuple[float, float | None]], merge: bool = False,
+              scheduler: str = "model default", sample_rows: bool = False):
         """Hold the pipeline with exactly `weights` (name -> (weight, te_weight)) active; all others off.
 
         merge: fold the blend into the base weights (faster steps; re-merged only when the blend changes).

@@ -5,7 +5,6 @@ Every ui test shares them (session scope): building the pipeline and starting Gr
 
 import copy
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import torch
 from imglora.formats.lora_file import save_adapter
 from imglora.lora.adapters import Adapters
 from ui_helpers import SETTINGS, free_port
-
 
 
 def _random_adapter(pipe, seed: int, preset: str, text_encoder: bool, scale: float = 0.3):

@@ -211,7 +211,8 @@ def test_bad_uploads_are_messages_and_nothing_lands_in_the_folder(session, ui_fi
 
 
 def _duplicate_key_file() -> bytes:
-    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    entry = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = b'{"a":' + entry + b',"a":' + entry + b'}'
     return len(header).to_bytes(8, "little") + header + b"\0" * 4
 
 

@@ -3,7 +3,6 @@ enable boxes, weight sliders and cards that edit the user's blend."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
