@@ -21,7 +21,8 @@ from .tabs import adapters, compare, export, generate
 
 
 def build_app(session: Session) -> gr.Blocks:
-    with gr.Blocks(title="imglora", analytics_enabled=False) as demo:
+    # Gradio copies every shown image into its cache; files older than a day are removed hourly.
+    with gr.Blocks(title="imglora", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("## imglora: blend and compare LoRA adapters")
         blend = gr.State({})  # this browser tab's blend; never shared (blend.py)
         with gr.Row():

@@ -293,3 +293,19 @@ def test_sdxl_pipelines_blend_the_same_way(tmp_path):
     attach(ref, tmp_path / "adapters" / "xl.safetensors", weight=0.7, te_weight=0.4, name="xl", model_arch="sdxl")
     want = generate(reference, GenerateArgs("a red circle", seed=0, **SETTINGS), ref)[0]
     assert same_image(items[0][0], want) and "<lora:xl:0.4:0.7>" in text
+
+
+def test_a_file_replaced_on_disk_is_reloaded_at_the_next_generation(session, ui_files, expected):
+    import shutil
+
+    folder = session.catalogue.folder
+    shutil.copy(ui_files["adapters"] / "style_b.safetensors", folder / "swap.safetensors")
+    session.catalogue.scan()
+    items, _, _ = run(session, blend_of(swap=0.7))
+    assert same_image(items[0][0], expected({"style_b": 0.7}))
+    data = (ui_files["adapters"] / "style_a.safetensors").read_bytes()
+    (folder / "swap.safetensors").write_bytes(data)
+    os.utime(folder / "swap.safetensors", ns=(1, 1))  # a new fingerprint even within one mtime tick
+    session.catalogue.scan()
+    items, _, _ = run(session, blend_of(swap=0.7))
+    assert same_image(items[0][0], expected({"style_a": 0.7}))
