@@ -4,13 +4,16 @@ import copy
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One thread: the models here are tiny, and on a busy 2-core machine two threads spin against each
+# other (20x slower). Subprocesses inherit it through OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 _BUILT = {}
 

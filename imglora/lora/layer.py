@@ -17,6 +17,25 @@ from torch import nn
 from .state import LoraModule
 
 
+class _Params(nn.ParameterDict):
+    """Parameters by adapter name, prefixed inside so that any name ('train', 'keys') is safe as an attribute."""
+
+    def __getitem__(self, name):
+        return super().__getitem__("p_" + name)
+
+    def __setitem__(self, name, value):
+        super().__setitem__("p_" + name, value)
+
+    def __delitem__(self, name):
+        super().__delitem__("p_" + name)
+
+    def __contains__(self, name):
+        return super().__contains__("p_" + name)
+
+    def keys(self):
+        return [k[2:] for k in super().keys()]
+
+
 class LoraLayer(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d):
         super().__init__()
@@ -24,8 +43,8 @@ class LoraLayer(nn.Module):
             raise ValueError("LoRA on grouped convolutions is not supported")
         self.base = base
         self.is_conv = isinstance(base, nn.Conv2d)
-        self.A = nn.ParameterDict()
-        self.B = nn.ParameterDict()
+        self.A = _Params()
+        self.B = _Params()
         self.alphas: dict[str, float] = {}
         self.weights: dict[str, float] = {}  # the user's blend multiplier per adapter
         self.enabled: dict[str, bool] = {}

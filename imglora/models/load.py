@@ -52,6 +52,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", d
                   config: str | os.PathLike | None = None):
     """A Stable Diffusion (1.x/2.x) or SDXL pipeline from local files only; never downloads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_loading()
     path = resolve_model(model)
     if path.is_dir():
         pipe = _load_folder(path)
@@ -59,6 +60,16 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", d
         pipe = _load_single_file(path, config)
     pipe._imglora_path = str(path)
     return pipe.to(device, dtype) if dtype != torch.float32 else pipe.to(device)
+
+
+def _quiet_loading() -> None:
+    """Loading a local model takes a second; its progress bars and advice only clutter our output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _load_folder(path: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.buckets import assign_bucket, fit_to_bucket, make_buckets
@@ -119,7 +120,7 @@ def pixels(example: Example, crop: str, flip: bool, rng: random.Random):
     image = load_image(example.path)
     image, crop_tl, original = fit_to_bucket(image, example.bucket, crop=crop, rng=rng)
     if flip:
-        image = image.transpose(0)  # Image.Transpose.FLIP_LEFT_RIGHT
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
     return arr, original, crop_tl
 
@@ -148,7 +149,9 @@ class LatentCache:
         return h.hexdigest()[:32]
 
     def fill(self, examples: list[Example], flips: tuple[bool, ...], batch: int = 8, progress: bool = True) -> None:
-        todo = sorted({(e.path, e.bucket, f) for e in examples for f in flips} - set(self.memory), key=str)
+        # Sorted by bucket so that each encoded batch has one image size.
+        todo = sorted({(e.path, e.bucket, f) for e in examples for f in flips} - set(self.memory),
+                      key=lambda k: (k[1], str(k[0]), k[2]))
         by_path = {(e.path, e.bucket): e for e in examples}
         pending = []
         for path, bucket, flip in tqdm(todo, desc="caching latents", unit="img", disable=not progress):
@@ -164,6 +167,9 @@ class LatentCache:
                         continue
                     except (ImgloraError, KeyError, ValueError):
                         pass  # a damaged cache entry is recomputed
+            if pending and pending[-1][0].bucket != bucket:
+                self._encode(pending)
+                pending = []
             pending.append((example, flip))
             if len(pending) == batch:
                 self._encode(pending)

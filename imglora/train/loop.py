@@ -122,14 +122,14 @@ class Trainer:
             raise ImgloraError("no usable training images", "see the skipped files above", path=cfg.data)
         self.world = self.acc.num_processes
         self.batches_per_epoch = len(self.data.epoch_batches(0, cfg.seed, cfg.batch_size))
-        per_step = self.world * cfg.grad_accum
-        steps_per_epoch = max(1, self.batches_per_epoch // per_step)
+        per_step = self.world * cfg.grad_accum  # batches consumed by one optimizer step, all processes
         self.total_steps = cfg.steps or (math.ceil(cfg.epochs * self.batches_per_epoch / per_step) if cfg.epochs
                                          else 500)
         self.say(f"{len({e.path for e in self.data.examples})} images ({len(self.data.examples)} with repeats), "
                  f"{len(self.data.problems)} skipped, {len(self.data.val)} held out; buckets: "
                  f"{bucket_histogram(self.data)}; {self.total_steps} steps = "
-                 f"{self.total_steps / steps_per_epoch:.1f} epochs")
+                 f"{self.total_steps * per_step / self.batches_per_epoch:.1f} epochs"
+                 + (f" on {self.world} processes" if self.world > 1 else ""))
         self.fixed_captions = not cfg.shuffle_captions and not cfg.train_text_encoder
         self._epoch_cache: dict[int, list[list[int]]] = {}
 

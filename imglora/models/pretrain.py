@@ -1,0 +1,169 @@
+"""Pretrain the embedded base model from scratch on synthetic shapes: `python -m imglora.models.pretrain --out DIR`.
+
+Two stages, both on data rendered by `imglora.data.synth` from the seed:
+1. the VAE (8x: 64x64x3 pixels <-> 8x8x4 latents), on random crops, then briefly on whole images;
+2. the UNet and the CLIP text encoder together, as a DDPM (epsilon, 1000 steps) on the cached latents,
+   with caption dropout for classifier-free guidance and an EMA of the UNet weights.
+The result is a standard diffusers folder (DDIM sampler, trailing spacing) written atomically, plus
+imglora.json (generation defaults) and samples.png. Only the base vocabulary is ever rendered:
+NEW_SHAPES stay unseen so that a LoRA can teach them later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.synth import BACKGROUNDS, BASE_SHAPES, CAPTION, COLOURS, render, samples
+from .tiny import load_clip_tokenizer, write_clip_tokenizer
+
+RESOLUTION = 64  # pixels; the VAE downsamples 8x to 8x8x4 latents
+
+
+@dataclass
+class Recipe:
+    seed: int = field(default=0, metadata={"help": "seeds the renders, the initial weights and every batch"})
+    images: int = field(default=18_000, metadata={"help": "training renders (all base shape x colour x background)"})
+    vae_steps: int = field(default=1500, metadata={"help": "VAE steps on 32x32 crops"})
+    vae_full_steps: int = field(default=200, metadata={"help": "VAE steps on whole 64x64 images, after the crops"})
+    vae_batch: int = field(default=32, metadata={"help": "VAE batch size"})
+    vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
+    kl_weight: float = field(default=1e-4, metadata={"help": "weight of the KL per latent value (L1 is per pixel)"})
+    steps: int = field(default=5000, metadata={"help": "UNet + text encoder steps"})
+    batch: int = field(default=64, metadata={"help": "UNet batch size"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (UNet and text encoder)"})
+    warmup: int = field(default=200, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
+    ema: float = field(default=0.999, metadata={"help": "EMA decay of the UNet weights (0: no EMA)"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (for guidance)"})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps in samples.png and imglora.json"})
+    guidance: float = field(default=4.0, metadata={"help": "guidance scale in samples.png and imglora.json"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+
+
+# The architecture, as data. LoRA targets the attention of every transformer block (attn1/attn2
+# to_q/to_k/to_v/to_out.0): two per down block, three per up block and one in the middle.
+VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           mid_block_add_attention=False, sample_size=RESOLUTION, force_upcast=False)
+UNET = dict(block_out_channels=(64, 128), layers_per_block=1, sample_size=RESOLUTION // 8, in_channels=4,
+            out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=16)
+TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4)
+# DDPM training schedule; the linear betas end near zero SNR, so white, gray and black backgrounds
+# (very different image means) are all reachable from pure noise.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+
+
+def vocabulary() -> list[str]:
+    """The caption words that get whole-word tokens; any other word tokenizes as bytes."""
+    words = CAPTION.replace("{", " ").replace("}", " ").split()
+    return sorted(set(w for w in words if w not in ("colour", "shape", "background")) | {"background"}
+                  | set(COLOURS) | set(BACKGROUNDS) | set(BASE_SHAPES))
+
+
+def build_components(tokenizer_dir: Path, seed: int):
+    """Freshly initialised vae, unet, text_encoder, tokenizer and the DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = load_clip_tokenizer(write_clip_tokenizer(tokenizer_dir, vocabulary()))
+    n = len(tokenizer)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=n, max_position_embeddings=77, bos_token_id=n - 2,
+                                                eos_token_id=n - 1, pad_token_id=n - 1, hidden_act="quick_gelu",
+                                                **TEXT))
+    unet = UNet2DConditionModel(cross_attention_dim=TEXT["hidden_size"], **UNET)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **VAE)
+    return vae, unet, text_encoder, tokenizer, DDIMScheduler(**SCHEDULE)
+
+
+def render_set(n: int, seed: int, shapes=BASE_SHAPES) -> tuple[torch.Tensor, list[str]]:
+    """`n` renders as uint8 (n, 3, 64, 64) and their captions; the same seed gives the same set."""
+    rng = random.Random(seed + 1)
+    labels = samples(n, seed, shapes=shapes)
+    pixels = np.stack([np.asarray(render(s.shape, s.colour, s.background, RESOLUTION, rng)) for s in labels])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [s.caption for s in labels]
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def schedule(step: int, total: int, warmup: int) -> float:
+    """LR factor: linear warmup, then cosine from 1 to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_vae(vae, pixels: torch.Tensor, r: Recipe, gen: torch.Generator, device) -> dict:
+    """L1 reconstruction + a small KL; 32x32 crops first (4x cheaper; the VAE is convolutional)."""
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    total = r.vae_steps + r.vae_full_steps
+    bar = tqdm(range(total), desc="vae", unit="step", mininterval=2.0)
+    for step in bar:
+        crop = 32 if step < r.vae_steps else RESOLUTION
+        idx = torch.randint(0, len(pixels), (r.vae_batch,), generator=gen)
+        x = to_unit(pixels[idx])
+        if crop < RESOLUTION:
+            i, j = torch.randint(0, RESOLUTION - crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, i:i + crop, j:j + crop]
+        x = x.to(device)
+        for group in opt.param_groups:
+            group["lr"] = r.vae_lr * schedule(step, total, 100)
+        dist = vae.encode(x).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=gen).to(device)
+        recon = vae.decode(dist.mean + dist.std * noise).sample
+        rec = (recon - x).abs().mean()
+        kl = dist.kl().mean() / dist.mean[0].numel()  # per latent value
+        loss = rec + r.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+    vae.eval()
+    return {"vae_l1": rec.item()}
+
+
+@torch.no_grad()
+def encode_all(vae, pixels: torch.Tensor, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and stds of every render, unscaled."""
+    means, stds = [], []
+    for i in range(0, len(pixels), batch):
+        dist = vae.encode(to_unit(pixels[i:i + batch]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+class EMA:
+    """Exponential moving average of a module's weights, with the usual warmup (decay grows with steps)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for s, p in zip(self.shadow.parameters(), module.parameters()):
+            s.lerp_(p.detach(), 1 - d)
