@@ -74,14 +74,15 @@ class Trainer:
         if self.final.exists() and not (cfg.overwrite or cfg.resume):
             raise ImgloraError("already exists", "pass --overwrite to replace it, or --resume latest to continue",
                                path=self.final)
+        torch.manual_seed(cfg.seed)
+        self._load_models()
+        self._load_data()
+        # Only a run that got this far writes anything: a bad dataset leaves no output folder behind.
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_temp_files(self.out)
             ckpt.clean_partial(self.ckpt_root)
         self.log = RunLog(self.out / "logs", self.main)
-        torch.manual_seed(cfg.seed)
-        self._load_models()
-        self._load_data()
         self._make_adapter()
         self._fill_caches()
         self._make_optimizer()

@@ -196,8 +196,10 @@ def test_bad_configs_and_datasets_are_one_line_errors(model_dir, shapes, tmp_pat
     toml.write_text(f'data = "{shapes}"\nrank = "four"\n')
     assert main(["train", "--config", str(toml)]) == 2
     assert "'rank' must be int" in capsys.readouterr().err
-    assert main(["train", "--model", str(model_dir), "--data", str(tmp_path / "missing")]) == 2
+    assert main(["train", "--model", str(model_dir), "--data", str(tmp_path / "missing"), "--output",
+                 str(tmp_path / "never")]) == 2
     assert "no such data folder" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
 
     bad = tmp_path / "bad"
     bad.mkdir()
