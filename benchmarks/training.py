@@ -8,6 +8,7 @@ backward to its input at the same shapes: the least work any LoRA step must do.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -41,7 +42,8 @@ def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
     """Wall time and peak memory of one process."""
     probe = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
     env = dict(os.environ, HF_HUB_OFFLINE="1", IMGLORA_PROBE_OUT=probe, PYTHONUNBUFFERED="1", **env_extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "probe"), env_extra.get("PYTHONPATH", ""), str(HERE.parent)])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(HERE / "probe"), env_extra.get("PYTHONPATH", ""),
+                                                    str(HERE.parent), os.environ.get("PYTHONPATH", "")] if p)
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t
@@ -50,7 +52,11 @@ def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
     rows = [json.loads(line) for line in Path(probe).read_text().splitlines()]
     os.unlink(probe)
     peak = max(rows, key=lambda d: d["maxrss_mb"])
-    return {"wall_s": wall, **peak}
+    times = max((r["step_times"] for r in rows), key=len)
+    # Steady state: the median interval between optimizer steps over the second half of the run.
+    gaps = [b - a for a, b in zip(times[len(times) // 2:], times[len(times) // 2 + 1:])]
+    step = statistics.median(gaps) if gaps else float("nan")
+    return {"wall_s": wall, "step_s": step, **{k: v for k, v in peak.items() if k != "step_times"}}
 
 
 def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
@@ -66,7 +72,9 @@ def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
 
 
 def peer_cmd(script, model, data, out, steps, batch, size, rank, args) -> list[str]:
-    return [sys.executable, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+    # Where torchvision does not import, the wrapper stands in for its few PIL transforms.
+    launcher = [] if _torchvision_works() else [str(HERE / "peer_shim" / "run_peer.py")]
+    return [sys.executable, *launcher, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
             "--caption_column", "text", "--resolution", str(size), "--center_crop", "--train_batch_size", str(batch),
             "--max_train_steps", str(steps), "--rank", str(rank), "--learning_rate", "1e-4", "--lr_scheduler",
             "constant", "--seed", "0", "--output_dir", str(out), "--checkpointing_steps", "1000000",
@@ -74,8 +82,9 @@ def peer_cmd(script, model, data, out, steps, batch, size, rank, args) -> list[s
             "--report_to", "tensorboard"]
 
 
-def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) -> float:
-    """Frozen UNet forward + backward to its input: what remains when everything else is free."""
+def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) -> tuple[float, int]:
+    """Frozen UNet forward + backward to its input: what remains when everything else is free.
+    Returns (seconds, FLOPs) of that work."""
     from imglora.models.load import load_pipeline
 
     unet = load_pipeline(model).unet.to(device, dtype)
@@ -84,6 +93,11 @@ def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) ->
     x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, ctx).sample.float().square().mean().backward()
+    flops = counter.get_total_flops()
     times = []
     for i in range(reps + 1):
         if device.type == "cuda":
@@ -94,7 +108,13 @@ def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) ->
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), flops
+
+
+@functools.cache
+def _torchvision_works() -> bool:
+    r = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True)
+    return r.returncode == 0
 
 
 def bench_training(model, args) -> dict:
@@ -108,41 +128,37 @@ def bench_training(model, args) -> dict:
 
         model_dir = default_model_path()
     rank = 4
-    shim = {"PYTHONPATH": str(HERE / "peer_shim")}
     pairs = {"ours": [], "peer": []}
-    lengths = (args.steps, args.steps * 2) if args.steps <= 10 else (args.steps,)
-    for rep in range(args.reps):
-        for steps in lengths:
-            pairs["ours"].append((steps, run(ours_cmd(model_dir, ours_data, work / "o", steps, args.batch, args.size,
-                                                      rank, args), {})))
-            if args.diffusers_script:
-                pairs["peer"].append((steps, run(peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p",
-                                                          steps, args.batch, args.size, rank, args), shim)))
-            print(f"rep {rep} steps {steps}: " + ", ".join(
-                f"{k} {v[-1][1]['wall_s']:.1f}s" for k, v in pairs.items() if v), file=sys.stderr)
+    for rep in range(args.reps):  # alternate: ours, peer, ours, peer...
+        pairs["ours"].append(run(ours_cmd(model_dir, ours_data, work / "o", args.steps, args.batch, args.size, rank,
+                                          args), {}))
+        if args.diffusers_script:
+            pairs["peer"].append(run(peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p", args.steps,
+                                              args.batch, args.size, rank, args), {}))
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s ({v[-1]['step_s'] * 1000:.1f} ms/step)"
+                                         for k, v in pairs.items() if v), file=sys.stderr)
     out: dict = {"size": args.size, "batch": args.batch, "steps": args.steps, "rank": rank, "targets": "attn"}
     for who, runs in pairs.items():
         if not runs:
             continue
-        first = [r for s, r in runs if s == lengths[0]]
-        out[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in first)
-        out[f"{who}_peak_rss_mb"] = statistics.median(r["maxrss_mb"] for r in first)
-        if "cuda_max_allocated_mb" in first[0]:
-            out[f"{who}_cuda_peak_mb"] = statistics.median(r["cuda_max_allocated_mb"] for r in first)
-        if len(lengths) == 2:  # steady state: the difference of two run lengths cancels start-up and caching
-            second = [r for s, r in runs if s == lengths[1]]
-            step = (statistics.median(r["wall_s"] for r in second) - out[f"{who}_wall_s"]) / (lengths[1] - lengths[0])
-            out[f"{who}_step_s"] = step
+        out[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
+        out[f"{who}_step_s"] = statistics.median(r["step_s"] for r in runs)
+        out[f"{who}_peak_rss_mb"] = statistics.median(r["maxrss_mb"] for r in runs)
+        if "cuda_max_allocated_mb" in runs[0]:
+            out[f"{who}_cuda_peak_mb"] = statistics.median(r["cuda_max_allocated_mb"] for r in runs)
     if "peer_wall_s" in out:
         out["speedup_wall_x"] = out["peer_wall_s"] / out["ours_wall_s"]
         out["memory_ratio"] = out["ours_peak_rss_mb"] / out["peer_peak_rss_mb"]
         if "ours_cuda_peak_mb" in out:
             out["cuda_memory_ratio"] = out["ours_cuda_peak_mb"] / out["peer_cuda_peak_mb"]
-        if "ours_step_s" in out:
-            out["speedup_step_x"] = out["peer_step_s"] / out["ours_step_s"]
+        out["speedup_step_x"] = out["peer_step_s"] / out["ours_step_s"]
     if "ours_step_s" in out:
         device = torch.device(args.device)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        out["limit_s"] = limit_seconds(model_dir, args.size, args.batch, device, dtype)
+        out["limit_s"], flops = limit_seconds(model_dir, args.size, args.batch, device, dtype)
         out["step_over_limit"] = out["ours_step_s"] / out["limit_s"]
+        # A LoRA step does at least the limit's FLOPs; achieved rate against the GPU's dense peak.
+        out["ours_tflops"] = flops / out["ours_step_s"] / 1e12
+        if device.type == "cuda" and "H100" in torch.cuda.get_device_name():
+            out["ours_fraction_of_989_tflops"] = out["ours_tflops"] / 989
     return out

@@ -1,4 +1,4 @@
-"""PIL-based equivalents of torchvision.transforms for PIL images (benchmark use only)."""
+"""PIL-based equivalents of the torchvision.transforms the diffusers example scripts use (benchmarks only)."""
 
 import enum
 import random
