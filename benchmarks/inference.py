@@ -68,18 +68,18 @@ class UNetCall:
         return self.unet(self.x, self.t, self.ctx, **self.extra).sample
 
 
-def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(0, 1, 2, 4, 8), rank: int = 16,
+def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(1, 2, 4, 8), rank: int = 16,
                     reps: int = 3, cycles: int = 50, with_peft: bool = True, log=print) -> dict:
-    """All inference numbers for one UNet; returns a dict of medians and ratios."""
+    """All inference numbers for one UNet. Every ratio is measured in adjacent pairs (base, then the
+    configuration) and the median over `reps` pairs is reported, so slow drifts of a shared machine cancel."""
     unet.to(device, dtype).eval()
     holder = type("P", (), {})()
     holder.unet = unet
     ours = Adapters(holder)
     keys = ours.targets("transformer")
     adapters = [random_adapter(unet, keys, rank, seed=i) for i in range(max(counts))]
+    calls = 5 if device.type == "cuda" else 1  # GPU forwards are short: time several per sample
     call = UNetCall(unet, batch, size, device, dtype)
-    call()  # warm-up
-    results: dict = {"modules": len(keys), "rank": rank, "size": size, "batch": batch}
     for i, a in enumerate(adapters):
         ours.load(f"a{i}", a, weight=0.0, dtype=dtype)
 
@@ -87,37 +87,38 @@ def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(0, 1
         for i in range(len(adapters)):
             ours.set_weight(f"a{i}", 0.5 if i < n else 0.0)
 
-    samples: dict[str, list[float]] = {}
-    for _ in range(reps):  # interleave every configuration in each repetition
+    def measure(fn=call):
+        fn()  # warm-up (and the cached stack after a change)
+        return timed(fn, device, calls)
+
+    ratios: dict[str, list[float]] = {}
+    results: dict = {"modules": len(keys), "rank": rank, "size": size, "batch": batch}
+    base_times = []
+    for rep in range(reps):
         for n in counts:
+            set_active(0)
+            base = measure()
+            base_times.append(base)
             set_active(n)
-            call()
-            samples.setdefault(f"runtime_{n}", []).append(timed(call, device))
-            if n:
-                ours.merge()
-                samples.setdefault(f"merged_{n}", []).append(timed(call, device))
-                t = timed(lambda: ours.set_weight("a0", 0.4), device)  # re-merge of the whole blend
-                samples.setdefault(f"remerge_{n}", []).append(t)
-                ours.unmerge()
-    set_active(4 if 4 in counts else max(counts))
+            ratios.setdefault(f"ours_runtime_{n}_x", []).append(measure() / base)
+            ours.merge()
+            ratios.setdefault(f"ours_merged_{n}_x", []).append(measure() / base)
+            change = timed(lambda: ours.set_weight("a0", 0.4 + 0.01 * rep), device)  # a re-merge of the blend
+            ratios.setdefault(f"ours_weight_change_merged_{n}_forwards", []).append(change / base)
+            ours.unmerge()
+    set_active(4)
     grid_call = UNetCall(unet, 4, size, device, dtype)
+    blends = [{f"a{j}": 0.25 * (k + 1) * (j % 2 * 2 - 1) for j in range(4)} for k in range(4)]
     for _ in range(reps):
         ours.set_sample_weights(None)
-        samples.setdefault("batch4_one_blend", []).append(timed(grid_call, device))
-        ours.set_sample_weights([{f"a{j}": 0.25 * (k + 1) * (j % 2 * 2 - 1) for j in range(4)} for k in range(4)])
-        samples.setdefault("batch4_four_blends", []).append(timed(grid_call, device))
+        one = measure(grid_call)
+        ours.set_sample_weights(blends)
+        ratios.setdefault("ours_grid4_vs_batch4_x", []).append(measure(grid_call) / one)
     ours.set_sample_weights(None)
-    samples["set_weight_runtime"] = [timed(lambda: ours.set_weight("a0", 0.3), device) for _ in range(reps)]
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    base = med["runtime_0"]
-    for n in counts:
-        results[f"ours_runtime_{n}_x"] = med[f"runtime_{n}"] / base
-        if n:
-            results[f"ours_merged_{n}_x"] = med[f"merged_{n}"] / base
-            results[f"ours_weight_change_merged_{n}_forwards"] = med[f"remerge_{n}"] / base
-    results["base_forward_s"] = base
-    results["ours_weight_change_runtime_s"] = med["set_weight_runtime"]
-    results["ours_grid4_vs_batch4_x"] = med["batch4_four_blends"] / med["batch4_one_blend"]
+    results["base_forward_s"] = statistics.median(base_times)
+    results["ours_weight_change_runtime_s"] = statistics.median(
+        timed(lambda: ours.set_weight("a0", 0.3), device) for _ in range(reps))
+    results.update({k: statistics.median(v) for k, v in ratios.items()})
     ours.remove_all()
 
     # Memory: load, switch weights and unload adapters many times; RSS (or CUDA memory) must stay flat.
@@ -126,18 +127,18 @@ def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(0, 1
         return torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss_mb()
 
     for _ in range(3):
-        _cycle(ours, adapters[:2], call, dtype)
+        _cycle(ours, adapters[:2], dtype)
     start = memory()
     for _ in range(cycles):
-        _cycle(ours, adapters[:2], call, dtype)
+        _cycle(ours, adapters[:2], dtype)
     results["memory_growth_pct"] = 100 * (memory() - start) / start
     log(f"ours: {results}")
     if with_peft:
-        results.update(bench_peft(unet, keys, adapters, counts, call, device, reps))
+        results.update(bench_peft(unet, keys, adapters, counts, call, device, reps, calls))
     return results
 
 
-def _cycle(ours, adapters, call, dtype):
+def _cycle(ours, adapters, dtype):
     for i, a in enumerate(adapters):
         ours.load(f"c{i}", a, weight=0.5, dtype=dtype)
     ours.set_weight("c0", 0.8)
@@ -147,7 +148,7 @@ def _cycle(ours, adapters, call, dtype):
     ours.remove_all()
 
 
-def bench_peft(unet, keys, adapters, counts, call, device, reps) -> dict:
+def bench_peft(unet, keys, adapters, counts, call, device, reps, calls) -> dict:
     """The same blends through peft layers (what diffusers' load_lora_weights + set_adapters builds)."""
     from peft import LoraConfig, set_peft_model_state_dict
 
@@ -165,23 +166,22 @@ def bench_peft(unet, keys, adapters, counts, call, device, reps) -> dict:
         set_peft_model_state_dict(unet, state, adapter_name=name)
         names.append(name)
     unet.to(device, call.x.dtype)
-    samples: dict[str, list[float]] = {}
+
+    def measure():
+        call()
+        return timed(call, device, calls)
+
+    ratios: dict[str, list[float]] = {}
     for _ in range(reps):
-        unet.disable_adapters()
-        samples.setdefault("base", []).append(timed(call, device))
-        unet.enable_adapters()
         for n in counts:
-            if not n:
-                continue
+            unet.disable_adapters()
+            base = measure()
+            unet.enable_adapters()
             unet.set_adapters(names[:n], [0.5] * n)
-            call()
-            samples.setdefault(f"runtime_{n}", []).append(timed(call, device))
+            ratios.setdefault(f"peft_runtime_{n}_x", []).append(measure() / base)
         unet.set_adapters(names[:4], [0.5] * 4)
-        samples.setdefault("fuse_4", []).append(timed(lambda: unet.fuse_lora(lora_scale=1.0,
-                                                                             adapter_names=names[:4]), device))
+        fuse = timed(lambda: unet.fuse_lora(lora_scale=1.0, adapter_names=names[:4]), device)
+        ratios.setdefault("peft_fuse_4_forwards", []).append(fuse / base)
         unet.unfuse_lora()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    out = {f"peft_runtime_{n}_x": med[f"runtime_{n}"] / med["base"] for n in counts if n}
-    out["peft_fuse_4_forwards"] = med["fuse_4"] / med["base"]
     unet.delete_adapters(names)
-    return out
+    return {k: statistics.median(v) for k, v in ratios.items()}

@@ -23,9 +23,11 @@ COLOURS = {
     "orange": (245, 135, 25),
 }
 BACKGROUNDS = {"white": (240, 240, 240), "black": (25, 25, 25), "gray": (128, 128, 128)}
-BASE_SHAPES = ("circle", "square", "triangle")
+# Five base shapes, two of them (cross, diamond) with concave or rotated corners, so the embedded model
+# learns to draw outlines in general rather than three templates, and a LoRA can teach a new one.
+BASE_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 # Shapes the base model never sees; the demo and the quality benchmark teach one of them.
-NEW_SHAPES = ("star", "ring", "cross", "heart", "diamond")
+NEW_SHAPES = ("star", "ring", "heart")
 CAPTION = "a {colour} {shape} on a {background} background"
 
 

@@ -191,7 +191,9 @@ class LoraLayer(nn.Module):
             return out + self._up(h, B).to(out.dtype)
         if needs_grad:
             A, B = self._stack(names)
-            h = self._down(x.to(A.dtype), A)
+            # Under autocast the matmul runs in half precision anyway: casting x up to float32 first
+            # would only add a copy of every input (and keep it for backward).
+            h = self._down(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)
             s = self._scales(names, x.device).to(h.dtype)
             h = h * (s.view(1, -1, 1, 1) if self.is_conv else s)
             return out + self._up(h, B).to(out.dtype)
@@ -201,13 +203,23 @@ class LoraLayer(nn.Module):
     # -- merging --------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active blend into the base weight (again, from the exact original, if merged)."""
+        """Fold the active blend into the base weight (again, from the exact original, if merged).
+
+        W = W0 + B_cat·diag(s)·A_cat in float32: one matmul for all adapters, so a weight change in
+        merged mode costs a few kernels per layer."""
         if self.sample_weights is not None:
             raise ValueError("per-sample weights cannot be merged into the base weights")
         w = self.base.weight
         if self._backup is None:
             self._backup = w.detach().clone()
-        w.copy_((self._backup.float() + self.delta()).to(w.dtype))
+        names = self.active()
+        if not names:
+            w.copy_(self._backup)
+            return
+        A, B = self._stack(names)
+        B = B.float().flatten(1) * self._scales(names, B.device)
+        merged = torch.addmm(self._backup.float().flatten(1), B, A.float().flatten(1))
+        w.copy_(merged.view_as(w))
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -181,6 +181,8 @@ class LatentCache:
         prepared = [pixels(e, "center", f, random.Random(0)) for e, f in pending]
         mean, std = encode_images(self.vae, torch.stack([p[0] for p in prepared]))
         for (e, f), (_, original, crop), m, s in zip(pending, prepared, mean, std):
+            # Kept in host memory: a large dataset's latents need not fit on the GPU.
+            m, s = m.cpu(), s.cpu()
             self.memory[(e.path, e.bucket, f)] = (m, s, original, crop)
             if self.disk_dir is not None:
                 write_safetensors(self.disk_dir / f"{self._key(e, f)}.safetensors", {"mean": m, "std": s},
