@@ -154,6 +154,11 @@ class Adapters:
                 len(rows), len(present))
             layer._changed()
 
+    def changed(self) -> None:
+        """Adapter tensors were updated in place (an optimizer step): rebuild the inference caches."""
+        for layer in self.layers.values():
+            layer._changed()
+
     def merge(self) -> None:
         """Fold the current blend into the base weights: no per-step cost until the blend changes."""
         for layer in self.layers.values():

@@ -118,6 +118,7 @@ class LoraLayer(nn.Module):
         return [n for n in self.A.keys() if self.enabled[n] and self.weights[n] != 0.0]
 
     def _changed(self) -> None:
+        """Call after changing weights, adapters or (in place) their tensors: inference caches rebuild."""
         self._cache = None
 
     # -- math -----------------------------------------------------------------------------------
@@ -138,27 +139,34 @@ class LoraLayer(nn.Module):
         B = self.B[names[0]] if len(names) == 1 else torch.cat([self.B[n] for n in names], 1)
         return A, B
 
-    def _per_sample(self, names: list[str], batch: int, device) -> torch.Tensor:
-        """(batch, R) column scales for per-sample weights, the sample rows tiled over the batch."""
-        n = self.sample_weights.shape[0]
-        if batch % n:
-            raise ValueError(f"batch of {batch} is not a multiple of the {n} per-sample weights")
-        ranks = torch.tensor([self.A[m].shape[0] for m in names], device=device)
-        per_col = torch.repeat_interleave(torch.tensor([self.alphas[m] for m in names], device=device) / ranks, ranks)
-        cols = torch.repeat_interleave(self.sample_weights.to(device), ranks, dim=1) * per_col
-        return cols.repeat(batch // n, 1)
+    def _sample_columns(self, names: list[str], device) -> torch.Tensor:
+        """(n_samples, R): each sample's weight·alpha/rank for every rank column of the stack."""
+        ranks = torch.tensor([self.A[m].shape[0] for m in names])
+        per_col = torch.repeat_interleave(torch.tensor([self.alphas[m] for m in names]) / ranks, ranks)
+        return (torch.repeat_interleave(self.sample_weights, ranks, dim=1) * per_col).to(device)
 
-    def _frozen_stack(self, names: list[str], dtype):
-        """Inference: A_cat and diag(s)·B_cat folded and cast once, reused until anything changes."""
-        key = (tuple(names), tuple(self.weights[n] for n in names), dtype,
-               tuple(self.A[n]._version for n in names), tuple(self.B[n]._version for n in names))
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+    def _inference_plan(self, x: torch.Tensor):
+        """Everything a no-grad forward needs, built once per change: (names, A, B, sample columns).
+
+        Without per-sample weights the scales are folded into B, so a forward is exactly two extra
+        matmuls; the cache is keyed by nothing that costs a loop over adapters per call."""
+        key = (x.dtype, x.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            names = self.active()
+            plan = (names, None, None, None)
+            if names:
                 A, B = self._stack(names)
-                s = self._scales(names, A.device)
-                B = B * (s.view(1, -1, 1, 1) if self.is_conv else s)
-                self._cache = (key, A.to(dtype), B.to(dtype))
-        return self._cache[1], self._cache[2]
+                cols = None
+                if self.sample_weights is None:
+                    s = self._scales(names, A.device)
+                    B = B * (s.view(1, -1, 1, 1) if self.is_conv else s)
+                else:
+                    cols = self._sample_columns(names, x.device).to(x.dtype)
+                plan = (names, A.to(x.dtype), B.to(x.dtype), cols)
+        self._cache = (key, plan)
+        return plan
 
     def _down(self, x, A):
         if self.is_conv:
@@ -169,36 +177,45 @@ class LoraLayer(nn.Module):
     def _up(self, h, B):
         return F.conv2d(h, B) if self.is_conv else F.linear(h, B)
 
+    def _apply_columns(self, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Scale h's rank columns per sample; the batch is the samples tiled (CFG doubles it)."""
+        n = cols.shape[0]
+        if h.shape[0] % n:
+            raise ValueError(f"batch of {h.shape[0]} is not a multiple of the {n} per-sample weights")
+        cols = cols.repeat(h.shape[0] // n, 1)
+        return h * (cols.view(*cols.shape, 1, 1) if self.is_conv else cols.view(cols.shape[0], *([1] * (h.dim() - 2)), -1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self._backup is not None:  # merged: the base weight already holds the blend
             return out
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.A.parameters())):
+            names, A, B, cols = self._inference_plan(x)
+            if not names:
+                return out
+            h = self._down(x, A)
+            if cols is not None:
+                h = self._apply_columns(h, cols)
+            return out + self._up(h, B)
+        # Training: autograd through the stacked matmul (or per adapter, when each has its own dropout).
         names = self.active()
         if not names:
             return out
-        needs_grad = torch.is_grad_enabled() and any(self.A[n].requires_grad for n in names)
         if self.training and any(self.dropouts[n] > 0 for n in names):
-            # Each adapter sees its own dropout mask, so it cannot share the stacked matmul.
             for n in names:
                 h = self._down(F.dropout(x.to(self.A[n].dtype), self.dropouts[n]), self.A[n])
                 out = out + (self._up(h, self.B[n]) * (self.weights[n] * self.alphas[n] / self.A[n].shape[0])).to(out.dtype)
             return out
+        A, B = self._stack(names)
+        # Under autocast the matmul runs in half precision anyway: casting x up to float32 first
+        # would only add a copy of every input (and keep it for backward).
+        h = self._down(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)
         if self.sample_weights is not None:
-            A, B = self._stack(names)
-            h = self._down(x.to(A.dtype), A)
-            s = self._per_sample(names, x.shape[0], x.device).to(h.dtype)
-            h = h * (s.view(*s.shape, 1, 1) if self.is_conv else s.view(s.shape[0], *([1] * (h.dim() - 2)), -1))
-            return out + self._up(h, B).to(out.dtype)
-        if needs_grad:
-            A, B = self._stack(names)
-            # Under autocast the matmul runs in half precision anyway: casting x up to float32 first
-            # would only add a copy of every input (and keep it for backward).
-            h = self._down(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)
+            h = self._apply_columns(h, self._sample_columns(names, x.device).to(h.dtype))
+        else:
             s = self._scales(names, x.device).to(h.dtype)
             h = h * (s.view(1, -1, 1, 1) if self.is_conv else s)
-            return out + self._up(h, B).to(out.dtype)
-        A, B = self._frozen_stack(names, x.dtype)
-        return out + self._up(self._down(x, A), B)
+        return out + self._up(h, B).to(out.dtype)
 
     # -- merging --------------------------------------------------------------------------------
     @torch.no_grad()

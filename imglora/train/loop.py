@@ -281,6 +281,7 @@ class Trainer:
     def validate(self) -> float | None:
         if not self.data.val:
             return None
+        self.adapters.changed()  # the optimizer updated the adapter in place
         T = self.pipe.scheduler.config.num_train_timesteps
         timesteps = torch.linspace(T * 0.1, T * 0.9, 4).long()
         batches = []
@@ -299,6 +300,7 @@ class Trainer:
         if not prompts or not self.main:
             return
         try:
+            self.adapters.changed()
             self.pipe.to(self.acc.device)
             with self.acc.autocast():
                 path = render_samples(self.pipe, self.adapters, NAME, prompts, self.out / "samples", self.step,
