@@ -133,14 +133,14 @@ def demo_command(args) -> None:
         from ui.app import launch
 
         launch(model=None, adapters_dir=args.output, host="127.0.0.1", port=args.port, auth=None, share=False,
-               device="cpu", max_upload_mb=512)
+               device="cpu", max_upload_mb=512, outputs_dir=str(Path(args.output) / "outputs"))
 
 
 def ui_command(args) -> None:
     from ui.app import launch  # the app lives beside the library; only this edge imports it
 
     launch(model=args.model, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth,
-           share=args.share, device=args.device, max_upload_mb=args.max_upload_mb)
+           share=args.share, device=args.device, max_upload_mb=args.max_upload_mb, outputs_dir=args.outputs)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     u.add_argument("--device", default="cpu")
     u.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload accepted")
+    u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models")
     u.set_defaults(func=ui_command)
     return p
 

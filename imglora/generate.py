@@ -106,7 +106,7 @@ def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = 
         x, y = left + (i % cols) * w, (i // cols) * (h + strip)
         grid.paste(img.convert("RGB").resize((w, h)), (x, y))
         if labels:
-            draw.text((x + 2, y + h + 1), labels[i][: max(4, w // 6)], fill="black")
+            draw.text((x + 2, y + h + 1), labels[i][: max(8, w // 5)], fill="black")
     for r, text in enumerate(row_labels or []):
         draw.text((2, r * (h + strip) + h // 2 - 5), text[:11], fill="black")
     return grid
