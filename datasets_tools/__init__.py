@@ -1,0 +1,1 @@
+"""imglora-data: dataset preparation and checks before training (`imglora-data --help`)."""
