@@ -227,6 +227,8 @@ class LoraLayer(nn.Module):
         if self.sample_weights is not None:
             raise ValueError("per-sample weights cannot be merged into the base weights")
         w = self.base.weight
+        if not w.is_floating_point() or type(w.data) not in (torch.Tensor, nn.Parameter):
+            raise ValueError("a quantized base weight cannot take a merged blend; use the blend at run time")
         if self._backup is None:
             self._backup = w.detach().clone()
         names = self.active()

@@ -46,6 +46,16 @@ def step_seed(seed: int, index: int) -> int:
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
 
 
+def quantize_frozen(module, kind: str) -> None:
+    """Frozen Linear weights in int8 (or fp8) through torchao: less memory for the base, while the
+    adapters stay in float32 (QLoRA's idea; PERFORMANCE.md §4.8). Done before adapters are attached."""
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ImgloraError(f"--quantize-base {kind} needs torchao", "pip install torchao") from None
+    quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
+
+
 class Interrupt:
     """Ctrl-C asks for a checkpoint at the end of the current step; a second Ctrl-C is ignored meanwhile."""
 
@@ -111,6 +121,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # the float32 adapter math
         for te in self.text_encoders:
             te.to(device, self.dtype)
+        if cfg.quantize_base:
+            quantize_frozen(self.pipe.unet, cfg.quantize_base)
         upcast = getattr(self.pipe.vae.config, "force_upcast", True)
         self.pipe.vae.to(device, torch.float32 if upcast else self.dtype)
         if cfg.gradient_checkpointing:

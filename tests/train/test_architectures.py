@@ -99,3 +99,14 @@ def test_pickled_checkpoints_never_run_code(tmp_path, monkeypatch, capsys):
     torch.save({}, single)
     assert main(["generate", "--model", str(single), "--prompt", "x"]) == 2
     assert "needs its pipeline config" in capsys.readouterr().err
+
+
+def test_int8_base_trains_a_float32_adapter(make_pipe, shapes, tmp_path):
+    pytest.importorskip("torchao")
+    model = _model(make_pipe, "sd1", tmp_path)
+    out = tmp_path / "q"
+    assert main(["train", "--model", str(model), "--data", str(shapes), "--output", str(out), "--steps", "3",
+                 "--quantize-base", "int8", *FAST]) == 0
+    tensors = load_file(out / "lora.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)  # B moved off zero
