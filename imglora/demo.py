@@ -48,14 +48,18 @@ def render_before_after(pipe, adapters, name: str, prompts) -> list[tuple]:
     return out
 
 
+def accuracy(judge, images, labels: list[dict], shape: str | None) -> float:
+    """Share of images the judge sees in the prompted colour and the prompted (or the new) shape."""
+    preds = judge.predict(images)
+    ok = [p["colour"] == lab["colour"] and p["shape"] == (shape or lab["shape"]) for p, lab in zip(preds, labels)]
+    return sum(ok) / len(ok)
+
+
 def score(judge, rendered, shape: str | None) -> tuple[float, float]:
-    """Accuracy before and after: the prompted colour, and the prompted (or new) shape."""
-    accs = []
-    for i in (2, 3):
-        preds = judge.predict([r[i] for r in rendered])
-        ok = [p["colour"] == r[1]["colour"] and p["shape"] == (shape or r[1]["shape"]) for p, r in zip(preds, rendered)]
-        accs.append(sum(ok) / len(ok))
-    return accs[0], accs[1]
+    """Accuracy before and after for render_before_after's output."""
+    labels = [r[1] for r in rendered]
+    return accuracy(judge, [r[2] for r in rendered], labels, shape), accuracy(judge, [r[3] for r in rendered],
+                                                                              labels, shape)
 
 
 def run_demo(output: str = "imglora-demo", shape: str = "star", word: str = "zorbly", seed: int = 0,

@@ -1,0 +1,139 @@
+"""Does LoRA learn? Teach the embedded model a new shape and let the judge count, over rank, target preset,
+text-encoder training and full fine-tuning (the LoRA paper's claims, checked on our own model).
+
+    python -m benchmarks.quality [--quick] [--out quality.json]
+
+Each row trains on the same synthetic concept data (a star captioned 'zorbly', all colours), then
+renders trigger-word prompts in every colour and the base vocabulary before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from imglora.config import TrainConfig
+from imglora.data.synth import synth_shapes
+from imglora.demo import RECIPE, base_prompts, concept_prompts, render_before_after, score
+from imglora.lora.adapters import Adapters
+from imglora.train.loop import NAME, Trainer
+
+SHAPE, WORD = "star", "zorbly"
+
+
+class FullFinetune(Trainer):
+    """Every UNet weight trains (no adapter): the reference LoRA is measured against."""
+
+    def _make_adapter(self):
+        self.adapters = Adapters(self.pipe)
+        self.pipe.unet.requires_grad_(True)
+        self.unet_params = [p for p in self.pipe.unet.parameters()]
+        self.te_params = []
+        self.say(f"full fine-tune: {sum(p.numel() for p in self.unet_params):,} trainable parameters")
+
+    def run(self):
+        for m in self.models:
+            m.train()
+        while self.step < self.total_steps:
+            self.train_step()
+        return None
+
+
+def evaluate(pipe, adapters, blend_name: str | None, seeds: int) -> dict:
+    """Concept and base accuracy; for full fine-tuning (no adapter) the 'before' pipe is passed separately."""
+    from imglora.models.judge import load_judge
+
+    judge = load_judge()
+    concept = render_before_after(pipe, adapters, blend_name, concept_prompts(WORD, seeds))
+    base = render_before_after(pipe, adapters, blend_name, base_prompts(max(1, seeds // 2)))
+    c0, c1 = score(judge, concept, SHAPE)
+    b0, b1 = score(judge, base, None)
+    return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}
+
+
+def run_one(data: Path, out: Path, seeds: int, full: bool = False, **overrides) -> dict:
+    cfg = TrainConfig(data=str(data), output=str(out), name=WORD, overwrite=True, **{**RECIPE, **overrides})
+    cfg.check()
+    t0 = time.perf_counter()
+    trainer = (FullFinetune if full else Trainer)(cfg)
+    n_params = sum(p.numel() for p in trainer.unet_params + trainer.te_params)
+    if full:
+        import copy
+
+        before = copy.deepcopy(trainer.pipe)
+        trainer.run()
+        seconds = time.perf_counter() - t0
+        trainer.pipe.unet.eval()
+        after = _pipe_eval(trainer.pipe, seeds)
+        prior = _pipe_eval(before, seeds)
+        result = {"concept_before": prior[0], "concept_after": after[0], "base_before": prior[1], "base_after": after[1]}
+    else:
+        trainer.run()
+        seconds = time.perf_counter() - t0
+        trainer.pipe.to("cpu")
+        result = evaluate(trainer.pipe, trainer.adapters, NAME, seeds)
+    return {**overrides, "full_finetune": full, "trainable_params": n_params, "train_seconds": seconds, **result,
+            "base_change": result["base_after"] - result["base_before"]}
+
+
+def _pipe_eval(pipe, seeds: int) -> tuple[float, float]:
+    """(concept, base) accuracy of a pipeline as it is (for full fine-tuning, which has no adapter)."""
+    from imglora.demo import accuracy
+    from imglora.generate import GenerateArgs, generate
+    from imglora.models.judge import load_judge
+
+    judge = load_judge()
+    out = []
+    for prompts, shape in ((concept_prompts(WORD, seeds), SHAPE), (base_prompts(max(1, seeds // 2)), None)):
+        images = [generate(pipe, GenerateArgs(p, seed=s))[0] for p, _, s in prompts]
+        out.append(accuracy(judge, images, [lab for _, lab, _ in prompts], shape))
+    return out[0], out[1]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| setup | trainable params | train s | concept before → after | base before → after |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        setup = "full fine-tune (UNet)" if r["full_finetune"] else \
+            f"rank {r.get('rank', RECIPE['rank'])}, {r.get('targets', RECIPE['targets'])}" + \
+            (" + TE" if r.get("train_text_encoder", RECIPE["train_text_encoder"]) else "")
+        lines.append(f"| {setup} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+                     f"{r['concept_before']:.2f} → {r['concept_after']:.2f} | "
+                     f"{r['base_before']:.2f} → {r['base_after']:.2f} ({r['base_change']:+.2f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the demo recipe")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--out", default="quality.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="imglora-quality-"))
+    data = work / "data"
+    synth_shapes(data, 60, seed=0, size=64, shapes=(SHAPE,), words={SHAPE: WORD})
+    grid = [{}]
+    if not args.quick:
+        grid += [{"rank": r} for r in (1, 4, 16)]
+        grid += [{"targets": t, "train_text_encoder": te} for t in ("cross-attn", "attn", "transformer")
+                 for te in (False, True)]
+    rows = []
+    for i, overrides in enumerate(grid):
+        rows.append(run_one(data, work / f"run{i}", args.seeds, **overrides))
+        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    if not args.quick:
+        rows.append(run_one(data, work / "full", args.seeds, full=True, lr=1e-4, train_text_encoder=False))
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
