@@ -411,13 +411,13 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
+                lr = self.schedule.get_last_lr()[0]  # the rate this step uses
                 loss = self.train_step()
                 if not math.isfinite(loss):
                     raise ImgloraError(
                         f"the loss became {loss} at step {self.step}; nothing of this step was saved",
                         "lower --lr, or use --mixed-precision bf16 instead of fp16; the last good checkpoint "
                         f"(if any) is in {self.ckpt_root}", path=cfg.output)
-                lr = self.schedule.get_last_lr()[0]
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
                 if self.step % cfg.log_every == 0:

@@ -1,6 +1,7 @@
 """`imglora train` on tiny models and synthetic shapes: it learns, it resumes exactly, it fails clearly."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -244,3 +245,21 @@ def test_two_processes_under_accelerate_train_in_sync(model_dir, shapes, tmp_pat
     assert "processes in sync" in r.stdout + r.stderr
     assert (out / "lora.safetensors").is_file()
     assert len((out / "logs" / "train.jsonl").read_text().splitlines()) == 4  # one writer
+
+
+def test_training_options_work_together(model_dir, shapes, tmp_path):
+    """Checkpointing, accumulation, validation, schedule with warm-up, caption dropout and shuffling, flips."""
+    out = tmp_path / "opts"
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 6, "--gradient-checkpointing",
+                     "--grad-accum", 2, "--val-count", 2, "--val-every", 3, "--lr-scheduler", "cosine",
+                     "--warmup-steps", 2, "--caption-dropout", 0.3, "--shuffle-captions", "--keep-tokens", 1,
+                     "--flip", "--train-text-encoder", "--text-encoder-lr", "1e-3", *FAST) == 0
+    rows = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    # Linear warm-up over 2 steps, then cosine from the peak towards 0 over the remaining 4.
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([3e-3 * f for f in [0.5, 1.0, *cosine]])
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 3 and all(v > 0 for v in vals)  # steps 3, 6 and the end
+    meta = json.loads((out / "lora.json").read_text())
+    assert meta["gradient_checkpointing"] and meta["grad_accum"] == 2
