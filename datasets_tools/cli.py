@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from imglora.errors import ImgloraError
+from imglora.errors import ImgloraError, run_command
 
 
 def check_command(args) -> int:
@@ -162,16 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ImgloraError as e:
-        if args.debug:
-            raise
-        print(f"imglora-data: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("imglora-data: interrupted", file=sys.stderr)
-        return 130
+    return run_command("imglora-data", args.func, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import add_arguments
-from .errors import ImgloraError
+from .errors import ImgloraError, run_command
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
@@ -222,17 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except ImgloraError as e:
-        if args.debug:
-            raise
-        print(f"imglora: {e.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("imglora: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("imglora", args.func, args)
 
 
 if __name__ == "__main__":

@@ -17,3 +17,19 @@ class ImgloraError(Exception):
     def line(self) -> str:
         text = f"{self.path}: {self.what}" if self.path else self.what
         return f"{text} — {self.fix}" if self.fix else text
+
+
+def run_command(prog: str, func, args) -> int:
+    """Run a CLI command: ImgloraError -> one line on stderr and exit code 2 (a traceback with --debug)."""
+    import sys
+
+    try:
+        return func(args) or 0
+    except ImgloraError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: {e.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
