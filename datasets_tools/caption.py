@@ -1,24 +1,29 @@
 """`imglora-data caption DIR`: bulk edits of sidecar captions, with a diff preview and a backup.
 
-Captions are comma-separated tags (a sentence is one tag). Edits apply in this order: create missing
-captions, replace tags, remove tags, de-duplicate, add the prefix/trigger word. Every changed file is
-copied to DIR/.imglora-backup/TIME/ before it is rewritten; `--dry-run` only shows the diff.
+Captions are comma-separated tags (a sentence without commas is one tag). Edits apply in this order:
+create missing captions, replace tags, remove tags, de-duplicate, add the trigger word/prefix. Every
+file that changes is first copied to DIR/.imglora-backup/TIME/ (a hidden folder, which the trainer
+and the other commands skip) with a manifest of the files created; `--restore` puts them back.
+This is the one command that writes into DIR.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imglora.data.captions import _concept, _fallback, _walk, read_caption
+from imglora.data.captions import (CAPTION_EXTENSIONS, add_prefix, check_fallback, concept, fallback_caption,
+                                   metadata_captions, read_caption, sidecar, walk)
 from imglora.errors import ImgloraError
 from imglora.formats.files import atomic_write
 
 BACKUP_DIR = ".imglora-backup"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -29,45 +34,70 @@ class Edits:
     dedupe: bool = False
     prefix: str | None = None
 
+    def is_empty(self) -> bool:
+        return not (self.create_missing or self.replace or self.remove or self.dedupe or self.prefix)
+
     def apply(self, caption: str) -> str:
-        tags = [t.strip() for t in caption.split(",") if t.strip()] if "," in caption else (
-            [caption.strip()] if caption.strip() else [])
-        tags = [self.replace.get(t, t) for t in tags]
-        tags = [t for t in tags if t not in self.remove and t]
+        tags = [t.strip() for t in caption.split(",")] if "," in caption else [caption.strip()]
+        tags = [t for t in tags if t]
+        new = [self.replace.get(t, t) for t in tags]
+        new = [t for t in new if t and t not in self.remove]
         if self.dedupe:
-            tags = list(dict.fromkeys(tags))
-        text = ", ".join(tags)
-        if self.prefix and not text.startswith(self.prefix):
-            text = f"{self.prefix}, {text}" if "," in text else f"{self.prefix} {text}".strip()
-        return text
+            new = list(dict.fromkeys(new))
+        text = caption.strip() if new == tags else ", ".join(new)  # untouched tags keep their spacing
+        return add_prefix(text, self.prefix)
 
 
-def plan(root, edits: Edits, extension: str = ".txt") -> list[tuple[Path, str | None, str]]:
-    """(caption file, old text or None if new, new text) for every file that would change."""
+def plan(root, edits: Edits, extension: str = ".txt") -> tuple[list[tuple[Path, str | None, str]], list[str]]:
+    """([(caption file, old text or None if new, new text)] for every file that would change, notes)."""
     root = Path(root)
-    changes = []
-    for image in _walk(root):
-        side = image.with_suffix(extension)
-        if side.is_file():
-            old = read_caption(side)
+    check_fallback(edits.create_missing)
+    if not extension.startswith(".") or "/" in extension:
+        raise ImgloraError(f"--extension {extension!r}", "use e.g. --extension .txt")
+    found = walk(root)
+    in_jsonl = metadata_captions(found.metadata)
+    changes, skipped_jsonl = [], 0
+    for image in found.images:
+        side = sidecar(image, tuple(dict.fromkeys((extension, *CAPTION_EXTENSIONS))))
+        if side is not None:
+            old = read_caption(side)  # a non-UTF-8 file stops the plan before anything is written
+            base = old
+        elif image in in_jsonl:
+            skipped_jsonl += 1  # a new sidecar would hide its metadata.jsonl caption from the trainer
+            continue
         elif edits.create_missing:
-            old = None
+            side, old = image.with_suffix(extension), None
+            base = fallback_caption(edits.create_missing, image, concept(image.parent, root)[0])
         else:
             continue
-        base = old if old is not None else _fallback(edits.create_missing, image, _concept(image.parent, root)[0])
         new = edits.apply(base)
-        if new != old:
+        if new != old and new:
             changes.append((side, old, new))
-    return changes
+    notes = [f"{skipped_jsonl} image(s) captioned in metadata.jsonl were left alone; `imglora-data convert "
+             f"--to sidecar` first to edit them"] if skipped_jsonl else []
+    return changes, notes
 
 
 def diff(changes, root) -> str:
+    """A unified diff of the planned changes (new files against /dev/null)."""
     out = []
     for path, old, new in changes:
-        rel = str(Path(path).relative_to(root))
+        rel = Path(path).relative_to(root).as_posix()
         out += difflib.unified_diff([] if old is None else [old + "\n"], [new + "\n"],
                                     "/dev/null" if old is None else f"a/{rel}", f"b/{rel}")
     return "".join(out)
+
+
+def new_backup_folder(root: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        folder = root / BACKUP_DIR / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise ImgloraError("cannot make a new backup folder", "clean up old backups", path=root / BACKUP_DIR)
 
 
 def apply(root, changes) -> Path | None:
@@ -75,19 +105,40 @@ def apply(root, changes) -> Path | None:
     if not changes:
         return None
     root = Path(root)
-    backup = root / BACKUP_DIR / time.strftime("%Y%m%d-%H%M%S")
-    if backup.exists():
-        raise ImgloraError("a backup from this second already exists", "run again in a second", path=backup)
+    backup = new_backup_folder(root)
     created = []
     for path, old, _ in changes:
         rel = Path(path).relative_to(root)
-        if old is None:
-            created.append(str(rel))
+        if old is None or not Path(path).exists():
+            created.append(rel.as_posix())
         else:
             (backup / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, backup / rel)
-    backup.mkdir(parents=True, exist_ok=True)
-    (backup / "manifest.json").write_text(json.dumps({"created": created}, indent=1))
+    manifest = json.dumps({"created": created, "changed": [Path(p).relative_to(root).as_posix()
+                                                          for p, old, _ in changes if old is not None]}, indent=1)
+    atomic_write(backup / MANIFEST, lambda f: f.write(manifest.encode()), overwrite=False)
     for path, _, new in changes:
         atomic_write(path, lambda f, text=new: f.write((text + "\n").encode("utf-8")), overwrite=True)
     return backup
+
+
+def restore(root, backup) -> list[Path]:
+    """Undo one `apply`: copy the backed-up files back and delete the files it created."""
+    root, backup = Path(root).resolve(), Path(backup).resolve()
+    if backup.parent != root / BACKUP_DIR or not (backup / MANIFEST).is_file():
+        raise ImgloraError("not a caption backup of this folder", f"pass a folder inside {root / BACKUP_DIR}",
+                           path=backup)
+    manifest = json.loads((backup / MANIFEST).read_text())
+    for rel in manifest.get("changed", []) + manifest.get("created", []):
+        if root not in (root / rel).resolve().parents:
+            raise ImgloraError(f"the manifest names {rel!r}, outside the folder", "restore by hand", path=backup)
+    done = []
+    for rel in manifest.get("changed", []):
+        src = backup / rel
+        atomic_write(root / rel, lambda f, s=src: f.write(s.read_bytes()), overwrite=True)
+        done.append(root / rel)
+    for rel in manifest.get("created", []):
+        if (root / rel).is_file():
+            os.unlink(root / rel)
+            done.append(root / rel)
+    return done

@@ -1,31 +1,39 @@
 """`imglora-data check DIR`: every problem of a training folder, per file, with the reason and the fix.
 
-One parallel pass opens each image once: header, a reduced-size decode (catches truncation, and
-gives the perceptual hash), the content hash. Nothing under DIR is written.
+One parallel pass reads each image file once: content hash of the bytes, then the trainer's own
+inspection (header, EXIF, the decode check) on those bytes, plus a 9x8 perceptual hash. Captions are
+found by the trainer's own rules (imglora/data/captions.py). Nothing under DIR is written.
+
+Severity: "error" = the trainer skips the file (or stops, past --max-bad); "warning" = it trains, but
+probably not as intended.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
-from imglora.data.captions import REPEAT_DIR, _jsonl_captions, read_caption
-from imglora.data.images import IMAGE_EXTENSIONS, _open, _to_8bit, probe_image
-from imglora.data.scan import check_decodes
+from imglora.data.captions import (CAPTION_EXTENSIONS, REPEAT_DIR, Walk, add_prefix, check_fallback, read_caption,
+                                   read_metadata, sidecar, walk)
+from imglora.data.images import EXTENSION_FORMATS, ImageInfo, has_alpha, open_file, orientation, to_rgb
+from imglora.data.scan import inspect_image, parallel_map
 from imglora.errors import ImgloraError
 
-CAPTION_EXTENSIONS = (".txt", ".caption")
-ODD_MODES = {"CMYK": "CMYK colours", "LA": "grey with alpha", "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit",
-             "I;16L": "16-bit", "I": "32-bit integer", "F": "32-bit float", "RGBA": "transparency", "PA": "palette "
-             "with transparency"}
+ODD_MODES = {"CMYK": "CMYK colours", "LA": "grey with alpha", "La": "grey with alpha", "PA": "palette with alpha",
+             "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer",
+             "F": "32-bit float", "YCbCr": "YCbCr", "RGBa": "premultiplied alpha"}
 CONVERT_FIX = "imglora converts it when loading; `imglora-data resize` writes a plain RGB copy"
+# Image types people have that imglora does not open: found files of these kinds are reported, not skipped silently.
+OTHER_IMAGE_TYPES = {".tif", ".tiff", ".heic", ".heif", ".avif", ".psd", ".jp2", ".jxl", ".svg", ".ico", ".tga",
+                     ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".exr", ".hdr", ".ppm", ".pgm", ".pbm", ".qoi"}
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 @dataclass
@@ -34,83 +42,95 @@ class Finding:
     reason: str
     fix: str
     kind: str  # image, caption, duplicate, folder
+    severity: str = "warning"  # error: the trainer skips it; warning: it trains, probably not as meant
 
 
-def _file_entry(path: Path, min_side: int, max_aspect: float) -> dict:
-    """Everything about one image file: problems, content hash, perceptual hash."""
-    out: dict = {"path": path, "problems": [], "sha": None, "dhash": None, "size": None}
+@dataclass
+class Report:
+    folder: str
+    images: int
+    findings: list[Finding] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        errors = sum(f.severity == "error" for f in self.findings)
+        return {"folder": self.folder, "images": self.images, "errors": errors,
+                "warnings": len(self.findings) - errors, "problems": [asdict(f) for f in self.findings]}
+
+
+@dataclass
+class Pixels:
+    """What the decoded image tells beyond its header."""
+    dhash: int  # 64-bit difference hash (Krawetz's dHash): survives resizing and re-encoding
+    thumb: np.ndarray  # (8, 8, 3) uint8 colours: dHash alone calls any two mostly flat images alike
+    aspect: float  # log(w / h): both hashes squash the image to a square
+    transparent: bool  # any pixel with alpha below 255
+    palette_alpha: bool  # a palette (or grey/RGB) image with a transparent colour entry
+
+
+def measure(img: Image.Image, info: ImageInfo) -> Pixels:
+    """Perceptual hash and transparency of a decoded image (JPEG arrives draft-reduced)."""
+    transparent = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") and img.getchannel("A").getextrema()[0] < 255
+    small = img if img.mode in ("RGB", "RGBA", "L", "LA", "CMYK") else to_rgb(img)
+    small = to_rgb(small.resize((32, 32), Image.Resampling.BOX))
+    turn = orientation(img)
+    if turn in _TRANSPOSE:  # hash what trains, so a rotated copy of a picture still matches
+        small = small.transpose(_TRANSPOSE[turn])
+    grey = np.asarray(small.convert("L").resize((9, 8), Image.Resampling.BOX), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
+    thumb = np.asarray(small.resize((8, 8), Image.Resampling.BOX), dtype=np.uint8)
+    return Pixels(int(np.packbits(bits).view(">u8")[0]), thumb, math.log(info.size[0] / info.size[1]), transparent,
+                  img.mode in ("P", "L", "RGB") and has_alpha(img))
+
+
+def inspect_file(path: Path, min_side: int, max_aspect: float) -> dict:
+    """Everything about one image file: its problems, content hash and Pixels."""
+    out: dict = {"path": path, "problems": [], "sha": None, "pixels": None}
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        out["problems"].append((f"unreadable ({e.strerror})", "check its permissions"))
-        return out
-    out["sha"] = hashlib.sha256(data).hexdigest()
-    try:
-        info = probe_image(path)
-        check_decodes(path, info)
+        with open_file(path) as f:
+            data = f.read()
+        out["sha"] = hashlib.sha256(data).hexdigest()
+        info, pixels = inspect_image(path, data, measure)
     except ImgloraError as e:
-        out["problems"].append((e.what, e.fix or "remove it or copy it again"))
+        out["problems"].append((e.what, e.fix or "remove it or copy it again", "error"))
         return out
-    out["size"] = info.size
+    out["pixels"] = pixels
     w, h = info.size
-    if info.n_frames > 1:
-        out["problems"].append((f"animated ({info.n_frames} frames)", "only the first frame is used; save it as PNG"))
-    mode = info.mode
-    with _open(path) as img:
-        if mode == "P" and "transparency" in img.info:
-            mode = "PA"
-        out["dhash"] = _dhash(img)
-    if mode in ODD_MODES and mode != "RGBA":
-        out["problems"].append((f"{ODD_MODES[mode]} image (mode {info.mode})", CONVERT_FIX))
+    expected = EXTENSION_FORMATS[path.suffix.lower()]
+    if info.format != expected and not (info.format == "MPO" and expected == "JPEG"):
+        ext = {"JPEG": ".jpg", "MPO": ".jpg"}.get(info.format, "." + info.format.lower())
+        out["problems"].append((f"{info.format} data in a {path.suffix} file", f"rename it to {ext}", "warning"))
+    if info.format == "MPO":
+        out["problems"].append((f"multi-picture JPEG ({info.n_frames} images)", "the first is used; re-save it "
+                                "as a plain JPEG to be sure", "warning"))
+    elif info.n_frames > 1:
+        out["problems"].append((f"animated ({info.n_frames} frames)", "only the first frame is used; save that "
+                                "frame as PNG", "warning"))
+    if info.mode in ODD_MODES:
+        out["problems"].append((f"{ODD_MODES[info.mode]} image (mode {info.mode})", CONVERT_FIX, "warning"))
+    elif pixels.palette_alpha:
+        kind = "palette" if info.mode == "P" else f"{info.mode} with a transparent colour"
+        out["problems"].append((f"{kind} with transparency", "transparent pixels train as the background "
+                                "colour (white); " + CONVERT_FIX, "warning"))
+    elif pixels.transparent:
+        out["problems"].append(("transparent pixels", "they train as the background colour (white); "
+                                "`imglora-data resize --background` flattens onto another", "warning"))
     if info.exif_transposed:
-        out["problems"].append(("EXIF rotation (trains as it displays)", "`imglora-data resize` writes it upright"))
+        out["problems"].append(("EXIF rotation (trains as it displays)", "nothing to do; `imglora-data resize` "
+                                "writes it upright for other tools", "warning"))
     if min(w, h) < min_side:
-        out["problems"].append((f"too small ({w}x{h}, under {min_side} px)", "remove it or use a larger version"))
-    if max(w, h) / max(1, min(w, h)) > max_aspect:
-        out["problems"].append((f"extreme aspect ratio ({w}x{h})", "crop it closer to the subject"))
+        out["problems"].append((f"too small ({w}x{h}, under {min_side} px)", "remove it or use a larger version",
+                                "error"))
+    elif max(w, h) / min(w, h) > max_aspect:
+        out["problems"].append((f"extreme aspect ratio ({w}x{h}, over {max_aspect:g}:1)",
+                                "crop it closer to the subject", "warning"))
     return out
 
 
-def _dhash(img: Image.Image) -> tuple[int, tuple[int, int, int]]:
-    """A 64-bit difference hash (near-identical images, resized or re-encoded, differ in few bits) and
-    the mean colour (the hash alone cannot tell two flat images of different colours apart)."""
-    if img.format == "JPEG":
-        img.draft("RGB", (64, 64))
-    if img.mode.startswith(("I", "F")):
-        img = _to_8bit(img)
-    rgb = img.convert("RGB")
-    small = np.asarray(rgb.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    return int(np.packbits(bits).view(">u8")[0]), rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
-
-
-def _walk(root: Path, findings: list[Finding]):
-    """Images and caption files under root; symlink loops and unreadable folders become findings."""
-    images, captions = [], []
-    seen_dirs = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=lambda e: findings.append(
-            Finding(str(e.filename), f"unreadable folder ({e.strerror})", "check its permissions", "folder"))):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:
-            findings.append(Finding(dirpath, "symlink loop (folder already visited)", "remove the link", "folder"))
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if name.startswith("."):
-                continue
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(p)
-            elif p.suffix.lower() in CAPTION_EXTENSIONS:
-                captions.append(p)
-    return images, captions
-
-
+# -- captions ---------------------------------------------------------------------------------------
 def count_tokens(text: str, tokenizer=None) -> tuple[int, bool]:
-    """CLIP tokens including start and end; (count, exact). Without a tokenizer, CLIP's pre-tokenizer
-    split gives a lower bound (every piece is at least one token)."""
+    """CLIP tokens including start and end: (count, exact). Without a tokenizer, CLIP's own
+    pre-tokenizer split (openai/CLIP simple_tokenizer.py) counts pieces: a lower bound, since BPE
+    gives every piece at least one token."""
     if tokenizer is not None:
         return len(tokenizer(text, truncation=False).input_ids), True
     import regex
@@ -120,83 +140,97 @@ def count_tokens(text: str, tokenizer=None) -> tuple[int, bool]:
 
 
 def load_tokenizer(path: str | None):
+    """A CLIP tokenizer from a tokenizer folder or a diffusers model folder (None: estimate)."""
     if not path:
         return None
-    from imglora.models.tiny import load_clip_tokenizer
-
     folder = Path(path)
     if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
+    if not folder.is_dir():
+        raise ImgloraError("no such folder", "pass a CLIP tokenizer folder or a diffusers model folder", path=path)
+    from imglora.models.tiny import load_clip_tokenizer
+
     try:
-        return load_clip_tokenizer(folder)
+        tok = load_clip_tokenizer(folder)
     except Exception as e:  # transformers raises several kinds for a wrong folder
         raise ImgloraError(f"not a CLIP tokenizer folder ({str(e).splitlines()[0][:120]})",
                            "pass a tokenizer folder or a diffusers model folder", path=path) from None
+    tok.model_max_length = 10**9  # count past 77 without transformers' "sequence too long" warning
+    return tok
 
 
-def check_folder(root, min_side: int = 64, max_aspect: float = 4.0, max_tokens: int = 77, tokenizer=None,
-                 near_bits: int = 3, workers: int | None = None, progress: bool = True) -> list[Finding]:
-    root = Path(root)
-    if not root.is_dir():
-        raise ImgloraError("no such folder", "pass the folder of training images", path=root)
-    findings: list[Finding] = []
-    images, caption_files = _walk(root, findings)
-    workers = workers or min(16, (os.cpu_count() or 2) * 4)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        entries = list(tqdm(pool.map(lambda p: _file_entry(p, min_side, max_aspect), images), total=len(images),
-                            desc="checking", unit="img", disable=not progress or len(images) < 200))
-    for e in entries:
-        findings += [Finding(str(e["path"]), reason, fix, "image") for reason, fix in e["problems"]]
-    findings += _caption_findings(images, caption_files, max_tokens, tokenizer)
-    findings += _duplicate_findings([e for e in entries if e["sha"]], near_bits)
-    return findings
-
-
-def _caption_findings(images: list[Path], caption_files: list[Path], max_tokens: int, tokenizer) -> list[Finding]:
-    out = []
-    jsonl: dict[Path, dict[str, str]] = {}
-    stems = {p.with_suffix("") for p in images}
-    for cap in caption_files:
-        if cap.with_suffix("") not in stems:
-            out.append(Finding(str(cap), "caption without an image", "remove it or add its image", "caption"))
-    for image in images:
-        folder = image.parent
-        if folder not in jsonl:
-            try:
-                jsonl[folder] = _jsonl_captions(folder)
-            except ImgloraError as e:
-                out.append(Finding(str(e.path), e.what, e.fix, "caption"))
-                jsonl[folder] = {}
-        side = next((image.with_suffix(ext) for ext in CAPTION_EXTENSIONS if image.with_suffix(ext).is_file()), None)
-        if side is None:
-            if image.name in jsonl[folder]:
-                text = jsonl[folder][image.name].strip()
-                where = str(folder / "metadata.jsonl")
-            elif REPEAT_DIR.match(folder.name):
-                continue  # kohya folders may caption by folder name (--caption-fallback folder)
-            else:
-                out.append(Finding(str(image), "missing caption", "add a .txt file beside it, or use "
-                                   "`imglora-data caption --create-missing`", "caption"))
-                continue
-        else:
-            where = str(side)
+def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, fallback: str | None = None,
+                     trigger: str | None = None, extensions=CAPTION_EXTENSIONS) -> list[Finding]:
+    """Missing, empty, non-UTF-8 and over-long captions, captions without an image, bad metadata.jsonl."""
+    out: list[Finding] = []
+    images = set(found.images)
+    jsonl: dict[Path, str] = {}
+    for meta in sorted(found.metadata, key=lambda p: len(p.parts)):  # deeper files win, as in collect_items
+        try:
+            rows = read_metadata(meta)
+        except ImgloraError as e:
+            out.append(Finding(str(meta), e.what, e.fix, "caption", "error"))
+            continue
+        jsonl.update(rows)
+        for image in sorted(set(rows) - images):
+            out.append(Finding(str(image), f"caption without an image (a row of {meta.name})",
+                               f"remove the row from {meta} or add the image", "caption"))
+    stems = {p.with_suffix("") for p in found.images}
+    for other in found.others:
+        suffix = other.suffix.lower()
+        if suffix in extensions and other.with_suffix("") not in stems:
+            out.append(Finding(str(other), "caption without an image", "remove it or add its image", "caption"))
+        elif suffix in OTHER_IMAGE_TYPES:
+            out.append(Finding(str(other), f"not a supported image type ({suffix}); the trainer ignores it",
+                               "convert it to PNG or JPEG", "image"))
+    hint = "add a .txt caption beside it (`imglora-data caption --create-missing filename|folder|TEMPLATE`)"
+    for image in found.images:
+        side = sidecar(image, extensions)
+        if side is not None:
+            where = side
             try:
                 text = read_caption(side)
             except ImgloraError as e:
-                out.append(Finding(str(side), e.what, e.fix, "caption"))
+                out.append(Finding(str(side), e.what, e.fix, "caption", "error"))
                 continue
-        if not text:
-            out.append(Finding(where if side else str(image), "empty caption", "write a caption", "caption"))
+        elif image in jsonl:
+            where, text = image, jsonl[image]
+        else:
+            where, text = image, None
+        if text is None and not fallback:
+            kohya = any(REPEAT_DIR.match(part) for part in image.parent.relative_to(root.parent).parts)
+            fix = hint + (", or train with --caption-fallback folder (kohya style)" if kohya else "")
+            out.append(Finding(str(image), "missing caption", fix, "caption", "error"))
             continue
-        n, exact = count_tokens(text, tokenizer)
+        if not text and fallback:
+            continue  # the trainer captions it by --caption-fallback
+        if not text:
+            out.append(Finding(str(where), "empty caption" + (" (in metadata.jsonl)" if where == image else ""),
+                               "write a caption", "caption", "error"))
+            continue
+        n, exact = count_tokens(add_prefix(text, trigger), tokenizer)
         if n > max_tokens:
-            out.append(Finding(where, f"caption too long ({'' if exact else 'at least '}{n} CLIP tokens, "
-                                      f"{max_tokens} are read)", "shorten it; the rest is cut off", "caption"))
+            count = f"{n} CLIP tokens" if exact else f"at least {n} CLIP tokens, estimated (--tokenizer counts)"
+            out.append(Finding(str(where), f"caption too long ({count}; {max_tokens} are read)",
+                               "shorten it; the rest is cut off", "caption"))
     return out
 
 
-def _duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
-    """Exact duplicates by content hash; near duplicates by perceptual hash among distinct contents."""
+# -- duplicates -------------------------------------------------------------------------------------
+NEAR_CELL_LEVELS, NEAR_CELLS = 24, 3
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def hamming(a: np.ndarray, b: int) -> np.ndarray:
+    """Bit differences between uint64 hashes `a` and one hash `b`."""
+    x = a ^ np.uint64(b)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
+    return _POPCOUNT[x.view(np.uint8)].reshape(-1, 8).sum(axis=1)
+
+
+def duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
+    """Exact duplicates by content hash; near duplicates by perceptual hash and 8x8 colours among the rest."""
     out = []
     first: dict[str, Path] = {}
     unique = []
@@ -206,23 +240,46 @@ def _duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
                                "duplicate"))
         else:
             first[e["sha"]] = e["path"]
-            if e["dhash"] is not None:
+            if e["pixels"] is not None:
                 unique.append(e)
-    if len(unique) > 1:
-        hashes = np.array([e["dhash"][0] for e in unique], dtype=np.uint64)
-        colours = np.array([e["dhash"][1] for e in unique], dtype=np.int16)
-        reported = set()
-        for i in range(len(unique) - 1):
-            dist = np.bitwise_count(hashes[i + 1:] ^ hashes[i])
-            close = np.abs(colours[i + 1:] - colours[i]).max(axis=1) <= 16
-            for j in np.nonzero((dist <= near_bits) & close)[0]:
-                k = i + 1 + int(j)
-                if k not in reported:
-                    reported.add(k)
-                    out.append(Finding(str(unique[k]["path"]), f"near duplicate of {unique[i]['path']}",
-                                       "remove one unless they differ on purpose", "duplicate"))
+    if near_bits < 0 or len(unique) < 2:
+        return out
+    hashes = np.array([e["pixels"].dhash for e in unique], dtype=np.uint64)
+    thumbs = np.stack([e["pixels"].thumb for e in unique]).astype(np.int16)
+    aspects = np.array([e["pixels"].aspect for e in unique])
+    reported = np.zeros(len(unique), dtype=bool)
+    for i in range(len(unique) - 1):
+        close = (hamming(hashes[i + 1:], int(hashes[i])) <= near_bits) & ~reported[i + 1:] & \
+                (np.abs(aspects[i + 1:] - aspects[i]) <= 0.1)  # aspect ratios within ~10%
+        candidates = np.nonzero(close)[0] + i + 1
+        if not len(candidates):
+            continue
+        # Same picture: at most 3 of the 64 cells differ by more than 24 levels (a re-encode or resize
+        # moves cells by a few levels; a different picture on a similar background moves many).
+        cells = (np.abs(thumbs[candidates] - thumbs[i]).max(axis=3) > NEAR_CELL_LEVELS).sum(axis=(1, 2))
+        for j in candidates[cells <= NEAR_CELLS]:
+            reported[j] = True
+            out.append(Finding(str(unique[j]["path"]), f"near duplicate of {unique[i]['path']}",
+                               "remove one unless they differ on purpose", "duplicate"))
     return out
 
 
-def as_dicts(findings: list[Finding]) -> list[dict]:
-    return [asdict(f) for f in findings]
+def check_folder(root, min_side: int = 64, max_aspect: float = 4.0, max_tokens: int = 77, tokenizer=None,
+                 near_bits: int = 3, workers: int | None = None, progress: bool = True, fallback: str | None = None,
+                 trigger: str | None = None, caption_extensions=CAPTION_EXTENSIONS) -> Report:
+    """Every problem under `root`, image by image, then captions, then duplicates."""
+    root = Path(root)
+    check_fallback(fallback)
+    found = walk(root)
+    findings = [Finding(str(p), why, "remove the link" if "link" in why else "check its permissions", "folder")
+                for p, why in found.skipped]
+    entries = parallel_map(lambda p: inspect_file(p, min_side, max_aspect), found.images, workers,
+                           "checking images", progress)
+    for e in entries:
+        findings += [Finding(str(e["path"]), why, fix, "image", sev) for why, fix, sev in e["problems"]]
+    findings += caption_findings(found, root, max_tokens, tokenizer, fallback, trigger, caption_extensions)
+    findings += duplicate_findings([e for e in entries if e["sha"]], near_bits)
+    order = {"folder": 0, "image": 1, "caption": 2, "duplicate": 3}
+    findings.sort(key=lambda f: (f.path, order[f.kind]))
+    return Report(str(root), len(found.images), findings)
+

@@ -12,62 +12,111 @@ import sys
 
 from imglora.errors import ImgloraError, run_command
 
+PROG = "imglora-data"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with bad usage as one line (RELIABILITY.md §6) instead of the usage block."""
+
+    def error(self, message):
+        print(f"{PROG}: {message} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def colour(text: str) -> tuple[int, int, int]:
+    t = text.strip().lstrip("#")
+    if len(t) != 6 or any(c not in "0123456789abcdefABCDEF" for c in t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a #rrggbb colour (e.g. '#ffffff')")
+    return tuple(int(t[i:i + 2], 16) for i in (0, 2, 4))
+
 
 def check_command(args) -> int:
-    from .check import as_dicts, check_folder, load_tokenizer
+    from .check import check_folder, load_tokenizer
 
-    findings = check_folder(args.dir, args.min_side, args.max_aspect, args.max_tokens, load_tokenizer(args.tokenizer),
-                            near_bits=args.near_bits)
+    report = check_folder(args.dir, args.min_side, args.max_aspect, args.max_tokens, load_tokenizer(args.tokenizer),
+                          near_bits=args.near_bits, workers=args.workers, progress=not args.quiet,
+                          fallback=args.caption_fallback, trigger=args.trigger,
+                          caption_extensions=tuple(dict.fromkeys((args.caption_extension, ".txt", ".caption"))))
     if args.json:
-        print(json.dumps({"folder": args.dir, "problems": as_dicts(findings)}, indent=1, ensure_ascii=False))
+        print(json.dumps(report.as_dict(), indent=1, ensure_ascii=False))
     else:
-        for f in findings:
-            print(f"{f.path}: {f.reason} — {f.fix}")
-        print(f"{len(findings)} problem(s) in {args.dir}" if findings else f"{args.dir}: no problems found",
-              file=sys.stderr)
-    return 1 if findings else 0
+        for f in report.findings:
+            print(f"{f.path}: {f.severity}: {f.reason} — {f.fix}")
+        d = report.as_dict()
+        print(f"{args.dir}: {report.images} images, {d['errors']} error(s) (the trainer skips these), "
+              f"{d['warnings']} warning(s)" if report.findings else
+              f"{args.dir}: {report.images} images, no problems found", file=sys.stderr)
+    return 1 if report.findings else 0
 
 
 def stats_command(args) -> int:
     from .check import load_tokenizer
     from .stats import folder_stats, plot, render
 
-    stats = folder_stats(args.dir, args.resolution, args.bucket_step, args.no_upscale, load_tokenizer(args.tokenizer))
-    print(json.dumps(stats, indent=1, default=str) if args.json else render(stats))
     if args.plot:
-        print(f"plot: {plot(stats, args.plot)}", file=sys.stderr)
+        from .resize import refuse_inside
+
+        refuse_inside(args.dir, args.plot)
+    stats = folder_stats(args.dir, args.resolution, args.bucket_step, args.no_upscale, load_tokenizer(args.tokenizer),
+                         min_bucket=args.min_bucket, max_bucket=args.max_bucket, fallback=args.caption_fallback,
+                         workers=args.workers, progress=not args.quiet)
+    print(json.dumps(stats, indent=1, default=str, ensure_ascii=False) if args.json else render(stats))
+    if args.plot:
+        print(f"plot: {plot(stats, args.plot, overwrite=args.overwrite)}", file=sys.stderr)
     return 0
 
 
 def caption_command(args) -> int:
-    from .caption import Edits, apply, diff, plan
+    from .caption import Edits, apply, diff, plan, restore
 
+    if args.restore:
+        restored = restore(args.dir, args.restore)
+        print(f"{len(restored)} caption file(s) restored from {args.restore}", file=sys.stderr)
+        return 0
     replace = {}
     for r in args.replace:
         old, sep, new = r.partition("=")
-        if not sep:
+        if not sep or not old.strip():
             raise ImgloraError(f"--replace {r!r} is not OLD=NEW", "e.g. --replace 'red=crimson'")
         replace[old.strip()] = new.strip()
+    if args.trigger and args.prefix:
+        raise ImgloraError("--trigger and --prefix both given", "use one (they do the same thing)")
     edits = Edits(args.create_missing, replace, [t.strip() for t in args.remove], args.dedupe,
                   args.trigger or args.prefix)
-    changes = plan(args.dir, edits, args.extension)
+    if edits.is_empty():
+        raise ImgloraError("nothing to do", "give --trigger, --replace, --remove, --dedupe or --create-missing")
+    changes, notes = plan(args.dir, edits, args.extension)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         sys.stdout.write(diff(changes, args.dir))
-        print(f"{len(changes)} caption(s) would change (dry run: nothing written)", file=sys.stderr)
+        print(f"{len(changes)} caption file(s) would change (dry run: nothing written)", file=sys.stderr)
         return 0
     backup = apply(args.dir, changes)
-    print(f"{len(changes)} caption(s) changed" + (f"; originals in {backup}" if backup else ""), file=sys.stderr)
+    print(f"{len(changes)} caption file(s) changed" + (f"; originals in {backup} (undo: imglora-data caption "
+          f"{args.dir} --restore {backup})" if backup else ""), file=sys.stderr)
     return 0
 
 
 def resize_command(args) -> int:
     from .resize import resize_folder
 
-    bg = tuple(int(args.background[i:i + 2], 16) for i in (1, 3, 5)) if args.background.startswith("#") else None
-    if bg is None or len(args.background) != 7:
-        raise ImgloraError(f"--background {args.background!r} is not a #rrggbb colour", "e.g. --background '#ffffff'")
-    written, skipped = resize_folder(args.dir, args.out, args.max_side, args.buckets, args.bucket_step, bg,
-                                     args.format, overwrite=args.overwrite)
+    written, skipped = resize_folder(args.dir, args.out, args.max_side, args.buckets, args.bucket_step,
+                                     args.background, args.format, args.quality, overwrite=args.overwrite,
+                                     no_upscale=args.no_upscale, workers=args.workers, progress=not args.quiet)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"{len(written)} image(s) written to {args.out}", file=sys.stderr)
@@ -75,10 +124,22 @@ def resize_command(args) -> int:
 
 
 def convert_command(args) -> int:
-    from .convert import convert
+    from .caption import apply, diff
+    from .convert import convert, copy_dataset
 
-    written = convert(args.dir, args.to, overwrite=args.overwrite)
-    print(f"{len(written)} file(s) written", file=sys.stderr)
+    if args.out:
+        written = copy_dataset(args.dir, args.out, args.to, one_file=args.one_file, overwrite=args.overwrite)
+        print(f"{len(written)} file(s) written to {args.out}", file=sys.stderr)
+        return 0
+    changes, notes = convert(args.dir, args.to, one_file=args.one_file, overwrite=args.overwrite)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.dry_run:
+        sys.stdout.write(diff(changes, args.dir))
+        print(f"{len(changes)} file(s) would be written (dry run)", file=sys.stderr)
+        return 0
+    backup = apply(args.dir, changes)
+    print(f"{len(changes)} file(s) written" + (f"; backup and list in {backup}" if backup else ""), file=sys.stderr)
     return 0
 
 
@@ -91,67 +152,94 @@ def synth_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imglora-data", description=__doc__.split("\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("check", help="list every problem in a training folder")
+    def common(s, workers=True):
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        if workers:
+            s.add_argument("--workers", type=positive(int), help="parallel threads (default: 2 per CPU, at most 8)")
+
+    c = sub.add_parser("check", help="list every problem in a training folder (exit 1 if any)")
     c.add_argument("dir")
-    c.add_argument("--min-side", type=int, default=64, help="smallest usable image side in pixels")
-    c.add_argument("--max-aspect", type=float, default=4.0, help="largest long/short side ratio")
-    c.add_argument("--max-tokens", type=int, default=77, help="CLIP tokens a caption may use")
+    c.add_argument("--min-side", type=positive(int), default=64, help="smallest usable image side in pixels")
+    c.add_argument("--max-aspect", type=positive(float), default=4.0, help="largest long/short side ratio")
+    c.add_argument("--max-tokens", type=positive(int), default=77, help="CLIP tokens a caption may use")
     c.add_argument("--tokenizer", help="CLIP tokenizer folder, or a diffusers model folder (exact token counts)")
-    c.add_argument("--near-bits", type=int, default=3, help="perceptual-hash distance that counts as near duplicate")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--near-bits", type=int, default=3, help="perceptual-hash bits that may differ in a near "
+                   "duplicate (-1: off)")
+    c.add_argument("--caption-fallback", help="as in training: folder, filename or a template with {folder}, {stem}")
+    c.add_argument("--trigger", help="as in training: counted in the caption length")
+    c.add_argument("--caption-extension", default=".txt")
+    c.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    common(c)
     c.set_defaults(func=check_command)
 
     s = sub.add_parser("stats", help="sizes, buckets, tags and caption lengths")
     s.add_argument("dir")
-    s.add_argument("--resolution", type=int, default=512)
-    s.add_argument("--bucket-step", type=int, default=64)
-    s.add_argument("--no-upscale", action="store_true")
-    s.add_argument("--tokenizer")
-    s.add_argument("--plot", help="write the charts to this PNG")
+    s.add_argument("--resolution", type=positive(int), default=512)
+    s.add_argument("--bucket-step", type=positive(int), default=64)
+    s.add_argument("--min-bucket", type=positive(int), help="smallest bucket side (default: resolution/2)")
+    s.add_argument("--max-bucket", type=positive(int), help="largest bucket side (default: resolution*2)")
+    s.add_argument("--no-upscale", action="store_true", help="as in training: small images keep their size")
+    s.add_argument("--caption-fallback", help="as in training")
+    s.add_argument("--tokenizer", help="CLIP tokenizer folder for exact caption lengths")
+    s.add_argument("--plot", metavar="FILE.png", help="write the charts to this PNG (outside DIR)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     s.add_argument("--json", action="store_true")
+    common(s)
     s.set_defaults(func=stats_command)
 
     e = sub.add_parser("caption", help="bulk-edit sidecar captions (with a backup)")
     e.add_argument("dir")
-    e.add_argument("--trigger", help="trigger word put in front of every caption")
-    e.add_argument("--prefix", help="any text put in front of every caption")
+    e.add_argument("--trigger", help="trigger word put in front of every caption (unless already there)")
+    e.add_argument("--prefix", help="same as --trigger, for any text")
     e.add_argument("--replace", action="append", default=[], metavar="OLD=NEW", help="replace a tag (repeatable)")
     e.add_argument("--remove", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)")
     e.add_argument("--dedupe", action="store_true", help="remove repeated tags")
     e.add_argument("--create-missing", metavar="filename|folder|TEMPLATE",
                    help="write captions for images without one ({folder} and {stem} in a template)")
-    e.add_argument("--extension", default=".txt")
+    e.add_argument("--extension", default=".txt", help="caption extension to create (existing .txt/.caption "
+                   "files are edited where they are)")
     e.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    e.add_argument("--restore", metavar="BACKUP", help="undo an edit: put back the files of this backup folder")
+    common(e, workers=False)
     e.set_defaults(func=caption_command)
 
     r = sub.add_parser("resize", help="write upright, flattened, resized copies into OUT")
     r.add_argument("dir")
     r.add_argument("out")
-    r.add_argument("--max-side", type=int, help="shrink so that the longer side is at most this")
-    r.add_argument("--buckets", type=int, metavar="RESOLUTION", help="crop to the trainer's buckets at this resolution")
-    r.add_argument("--bucket-step", type=int, default=64)
-    r.add_argument("--background", default="#ffffff", help="colour that transparency is flattened onto")
-    r.add_argument("--format", default="png", choices=["png", "jpg", "webp"])
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--max-side", type=positive(int), help="shrink so that the longer side is at most this")
+    r.add_argument("--buckets", type=positive(int), metavar="RESOLUTION",
+                   help="scale and centre-crop to the trainer's buckets at this resolution")
+    r.add_argument("--bucket-step", type=positive(int), default=64)
+    r.add_argument("--no-upscale", action="store_true", help="with --buckets: small images keep their size")
+    r.add_argument("--background", type=colour, default=(255, 255, 255), metavar="#RRGGBB",
+                   help="colour that transparency is flattened onto (default #ffffff)")
+    r.add_argument("--format", default="keep", choices=["keep", "png", "jpg", "webp"],
+                   help="keep: JPEG stays JPEG, everything else becomes PNG")
+    r.add_argument("--quality", type=positive(int), default=95, help="JPEG/WebP quality")
+    r.add_argument("--overwrite", action="store_true", help="replace files that already exist in OUT")
+    common(r)
     r.set_defaults(func=resize_command)
 
-    v = sub.add_parser("convert", help="between metadata.jsonl and sidecar captions")
+    v = sub.add_parser("convert", help="between metadata.jsonl and sidecar captions (kohya folders too)")
     v.add_argument("dir")
     v.add_argument("--to", required=True, choices=["jsonl", "sidecar"])
-    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--out", help="write a converted copy here (images hard-linked or copied); DIR is untouched")
+    v.add_argument("--one-file", action="store_true", help="with --to jsonl: one metadata.jsonl at the top")
+    v.add_argument("--dry-run", action="store_true", help="show what would be written")
+    v.add_argument("--overwrite", action="store_true", help="replace existing caption files (backed up)")
     v.set_defaults(func=convert_command)
 
     y = sub.add_parser("synth", help="generate a synthetic captioned dataset")
     y.add_argument("kind", choices=["shapes"])
     y.add_argument("out")
-    y.add_argument("--n", type=int, default=100)
+    y.add_argument("--n", type=positive(int), default=100)
     y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--size", type=int, default=64)
-    y.add_argument("--shapes", nargs="+")
+    y.add_argument("--size", type=positive(int), default=64)
+    y.add_argument("--shapes", nargs="+", help="shapes to draw (default: the base shapes)")
     y.add_argument("--colours", nargs="+")
     y.add_argument("--backgrounds", nargs="+")
     y.add_argument("--word", action="append", default=[], metavar="SHAPE=WORD", help="caption a shape as WORD")
@@ -159,9 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_errors_as_lines(func):
+    """A full disk or a read-only folder is bad input too: one line, exit 2."""
+    def run(args):
+        try:
+            return func(args)
+        except OSError as e:
+            raise ImgloraError(e.strerror or str(e), "check the path, its permissions and free space",
+                               path=e.filename) from None
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("imglora-data", args.func, args)
+    return run_command(PROG, os_errors_as_lines(args.func), args)
 
 
 if __name__ == "__main__":

@@ -1,56 +1,93 @@
-"""`imglora-data stats DIR`: sizes, the bucket each image trains in (the trainer's own bucketing), tags and
-caption lengths; `--plot` draws them."""
+"""`imglora-data stats DIR`: sizes, the bucket each image trains in (the trainer's own collect, scan and
+bucketing code), tag frequencies and caption lengths; `--plot` draws them."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from pathlib import Path
 
 from imglora.data.buckets import assign_bucket, make_buckets
 from imglora.data.captions import collect_items
 from imglora.data.scan import scan_items
+from imglora.errors import ImgloraError
 
 from .check import count_tokens
 
 
-def folder_stats(root, resolution: int = 512, step: int = 64, no_upscale: bool = False, tokenizer=None) -> dict:
-    items = collect_items(root)
-    scan = scan_items(items, min_side=1, progress=True)
-    buckets = make_buckets(resolution, step)
-    sizes, per_bucket, tags, lengths = [], Counter(), Counter(), []
-    for item in scan.ok + [i for i in items if i.problem and i.image in scan.infos]:
-        w, h = scan.infos[item.image].size
-        sizes.append((w, h))
-        per_bucket[assign_bucket(w, h, buckets, no_upscale=no_upscale, step=step)] += 1
+def folder_stats(root, resolution: int = 512, step: int = 64, no_upscale: bool = False, tokenizer=None,
+                 min_bucket: int | None = None, max_bucket: int | None = None, fallback: str | None = None,
+                 workers: int | None = None, progress: bool = True) -> dict:
+    """Counts, sizes, buckets, tags and caption lengths of a folder, as the trainer would see it."""
+    buckets = make_buckets(resolution, step, min_bucket, max_bucket)
+    items = collect_items(root, fallback=fallback)
+    if not items:
+        raise ImgloraError("no images found", "put .png/.jpg/.webp images (with .txt captions) in it", path=root)
+    scan = scan_items(items, min_side=1, workers=workers, progress=progress)
+    per_image, per_bucket, tags, lengths, upscaled = [], Counter(), Counter(), [], 0
+    exact = tokenizer is not None
+    for item in items:
+        info = scan.infos.get(item.image)
+        if info is None:
+            continue
+        w, h = info.size
+        bucket = assign_bucket(w, h, buckets, no_upscale=no_upscale, step=step)
+        per_bucket[bucket] += item.repeats
+        upscaled += w * h < bucket[0] * bucket[1]
+        per_image.append({"path": str(item.image), "size": [w, h], "bucket": f"{bucket[0]}x{bucket[1]}",
+                          "repeats": item.repeats})
         if item.caption:
             tags.update(t.strip() for t in item.caption.split(",") if t.strip())
             lengths.append(count_tokens(item.caption, tokenizer)[0])
+    sizes = [tuple(i["size"]) for i in per_image]
     return {
-        "images": len(items), "usable": len(scan.ok), "unreadable": len(items) - len(scan.infos),
-        "sizes": sizes, "resolution": resolution,
+        "folder": str(root), "images": len(items), "usable": len(scan.ok), "unreadable": len(items) - len(scan.infos),
+        "captioned": sum(1 for i in items if i.caption), "resolution": resolution,
+        "sizes": _size_summary(sizes), "upscaled": upscaled,
         "buckets": {f"{w}x{h}": n for (w, h), n in sorted(per_bucket.items())},
-        "top_tags": tags.most_common(20),
-        "caption_tokens": {"min": min(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)}
-        if lengths else {},
+        "top_tags": tags.most_common(30),
+        "caption_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
+                           "over_77": sum(n > 77 for n in lengths), "exact": exact} if lengths else {},
+        "per_image": per_image,
     }
 
 
+def _size_summary(sizes: list[tuple[int, int]]) -> dict:
+    if not sizes:
+        return {}
+    ws, hs = zip(*sizes)
+    mp = [w * h / 1e6 for w, h in sizes]
+    return {"width": [min(ws), statistics.median(ws), max(ws)], "height": [min(hs), statistics.median(hs), max(hs)],
+            "megapixels": [round(min(mp), 3), round(statistics.median(mp), 3), round(max(mp), 3)],
+            "portrait": sum(h > w for w, h in sizes), "landscape": sum(w > h for w, h in sizes),
+            "square": sum(w == h for w, h in sizes)}
+
+
 def render(stats: dict) -> str:
-    lines = [f"images: {stats['images']} ({stats['usable']} usable, {stats['unreadable']} unreadable)"]
-    if stats["sizes"]:
-        ws, hs = zip(*stats["sizes"])
-        lines.append(f"sizes: width {min(ws)}-{max(ws)}, height {min(hs)}-{max(hs)}")
-    lines.append(f"buckets at {stats['resolution']} px:")
-    lines += [f"  {b}: {n}" for b, n in stats["buckets"].items()]
-    if stats["caption_tokens"]:
-        t = stats["caption_tokens"]
-        lines.append(f"caption length (CLIP tokens): min {t['min']}, median {t['median']}, max {t['max']}")
-    lines.append("top tags: " + ", ".join(f"{tag} ({n})" for tag, n in stats["top_tags"][:10]))
+    """The stats as a short text report."""
+    lines = [f"images: {stats['images']} ({stats['usable']} usable, {stats['unreadable']} unreadable, "
+             f"{stats['captioned']} captioned)"]
+    s = stats["sizes"]
+    if s:
+        lines.append(f"width  min/median/max: {s['width'][0]} / {s['width'][1]:g} / {s['width'][2]}")
+        lines.append(f"height min/median/max: {s['height'][0]} / {s['height'][1]:g} / {s['height'][2]}")
+        lines.append(f"shape: {s['landscape']} landscape, {s['portrait']} portrait, {s['square']} square")
+    lines.append(f"buckets at {stats['resolution']} px (images x repeats; {stats['upscaled']} image(s) upscaled):")
+    width = max((len(b) for b in stats["buckets"]), default=0)
+    top = max(stats["buckets"].values(), default=1)
+    lines += [f"  {b:>{width}}  {n:6d} {'#' * max(1, round(40 * n / top))}" for b, n in stats["buckets"].items()]
+    t = stats["caption_tokens"]
+    if t:
+        how = "" if t["exact"] else ", estimated (--tokenizer counts exactly)"
+        lines.append(f"caption length in CLIP tokens{how}: min {t['min']}, median {t['median']:g}, max {t['max']}; "
+                     f"{t['over_77']} over 77")
+    if stats["top_tags"]:
+        lines.append("top tags: " + ", ".join(f"{tag} ({n})" for tag, n in stats["top_tags"][:15]))
     return "\n".join(lines)
 
 
-def plot(stats: dict, path) -> Path:
-    """Size scatter, bucket histogram and top tags in one PNG."""
+def plot(stats: dict, path, overwrite: bool = False) -> Path:
+    """Size scatter, bucket histogram and top tags in one PNG (matplotlib, imported only here)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,20 +95,25 @@ def plot(stats: dict, path) -> Path:
 
     from imglora.formats.files import atomic_write
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    if stats["sizes"]:
-        ws, hs = zip(*stats["sizes"])
+    if Path(path).exists() and not overwrite:
+        raise ImgloraError("already exists", "choose another name or pass --overwrite", path=path)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    sizes = [i["size"] for i in stats["per_image"]]
+    if sizes:
+        ws, hs = zip(*sizes)
         axes[0].scatter(ws, hs, s=8, alpha=0.5)
     axes[0].set(title="image sizes", xlabel="width", ylabel="height")
     names = list(stats["buckets"])
     axes[1].bar(range(len(names)), list(stats["buckets"].values()))
-    axes[1].set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-    axes[1].set(title=f"buckets at {stats['resolution']} px")
-    tags = stats["top_tags"][:15][::-1]
-    axes[2].barh([t for t, _ in tags], [n for _, n in tags])
+    axes[1].set_xticks(range(len(names)), names, rotation=70, fontsize=7)
+    axes[1].set(title=f"buckets at {stats['resolution']} px", ylabel="images x repeats")
+    tags = stats["top_tags"][:20][::-1]
+    axes[2].barh([t[:30] for t, _ in tags], [n for _, n in tags])
     axes[2].tick_params(labelsize=7)
     axes[2].set(title="top tags")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), overwrite=True)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), overwrite=overwrite)
+    finally:
+        plt.close(fig)
     return Path(path)

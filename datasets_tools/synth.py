@@ -1,7 +1,11 @@
-"""`imglora-data synth shapes OUT --n N`: a deterministic synthetic captioned dataset."""
+"""`imglora-data synth shapes OUT --n N`: a deterministic synthetic captioned dataset
+(imglora.data.synth: coloured shapes on plain backgrounds, "a red circle on a white background")."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from imglora.data.synth import BACKGROUNDS, BASE_SHAPES, COLOURS, NEW_SHAPES, synth_shapes
@@ -10,20 +14,41 @@ from imglora.errors import ImgloraError
 
 def synth(out, n: int, seed: int = 0, size: int = 64, shapes=None, colours=None, backgrounds=None,
           words: list[str] = ()) -> list[Path]:
+    """Write the dataset into a temp folder beside OUT, then rename it into place (OUT must be new or empty)."""
+    out = Path(out)
     shapes = tuple(shapes or BASE_SHAPES)
-    for name, given, known in (("shape", shapes, BASE_SHAPES + NEW_SHAPES), ("colour", colours or (), COLOURS),
-                               ("background", backgrounds or (), BACKGROUNDS)):
+    for name, given, known in (("shape", shapes, BASE_SHAPES + NEW_SHAPES), ("colour", colours or (), tuple(COLOURS)),
+                               ("background", backgrounds or (), tuple(BACKGROUNDS))):
         unknown = [g for g in given if g not in known]
         if unknown:
             raise ImgloraError(f"unknown {name} {', '.join(unknown)}", f"choose from {', '.join(known)}")
     mapping = {}
     for w in words:
         shape, sep, word = w.partition("=")
-        if not sep or not word:
-            raise ImgloraError(f"--word {w!r} is not SHAPE=WORD", "e.g. --word star=zorbly")
-        mapping[shape] = word
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise ImgloraError("output folder is not empty", "choose a new folder", path=out)
-    written = synth_shapes(out, n, seed=seed, size=size, shapes=shapes, colours=tuple(colours or COLOURS),
-                           backgrounds=tuple(backgrounds or BACKGROUNDS), words=mapping)
-    return [p for p, _ in written]
+        if not sep or not word.strip() or shape not in shapes:
+            raise ImgloraError(f"--word {w!r} is not SHAPE=WORD for a drawn shape", "e.g. --shapes star --word "
+                               "star=zorbly")
+        mapping[shape] = word.strip()
+    if size < 8:
+        raise ImgloraError(f"--size {size} is too small", "use 8 px or more (64 is the default)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ImgloraError("already exists and is not an empty folder", "choose a new folder", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.imglora-tmp-", dir=out.parent))
+    try:
+        written = synth_shapes(tmp, n, seed=seed, size=size, shapes=shapes, colours=tuple(colours or COLOURS),
+                               backgrounds=tuple(backgrounds or BACKGROUNDS), words=mapping)
+        tmp.chmod(0o777 & ~_umask())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / p.name for p, _ in written]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,17 +1,25 @@
-"""Finding images and their captions: sidecar files, metadata.jsonl, kohya repeat folders, fallbacks."""
+"""Finding images and their captions: sidecar files, metadata.jsonl, kohya repeat folders, fallbacks.
+
+Precedence per image: a sidecar (`a.txt`, then `a.caption`), else the nearest `metadata.jsonl` row
+naming it (Hugging Face imagefolder: `file_name` relative to that file's folder, `text` or
+`caption`), else the fallback. The trainer and `imglora-data` both read folders only through here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ImgloraError
 from .images import IMAGE_EXTENSIONS
 
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mychar" = 10 repeats of the concept "mychar"
+METADATA = "metadata.jsonl"
+CAPTION_EXTENSIONS = (".txt", ".caption")
 
 
 @dataclass
@@ -22,49 +30,94 @@ class Item:
     problem: str | None = None
 
 
+@dataclass
+class Walk:
+    """What a folder holds: images, other files, metadata.jsonl files, and folders that were skipped."""
+    images: list[Path] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+    metadata: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (folder, why): symlink loops, unreadable
+
+
+def walk(root) -> Walk:
+    """Every file under root in sorted order (hidden files and folders left out). Symlinked folders
+    are followed, each real folder once, so a link back up the tree cannot loop."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImgloraError("no such folder", "pass the folder of training images", path=root)
+    out = Walk()
+    seen: set[str] = set()
+
+    def unreadable(e: OSError):
+        out.skipped.append((Path(e.filename), f"unreadable folder ({e.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            ancestor = os.path.realpath(os.path.dirname(dirpath))
+            loop = ancestor == real or ancestor.startswith(real.rstrip(os.sep) + os.sep)
+            out.skipped.append((Path(dirpath), "symlink loop (links back to a folder above it)" if loop else
+                                f"folder already included through another path ({real})"))
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath)
+        for name in sorted(filenames):
+            if name.startswith("."):  # .DS_Store, ._x.jpg (AppleDouble), .imglora-backup, temp files
+                continue
+            path = folder / name
+            if name == METADATA:
+                out.metadata.append(path)
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                out.images.append(path)
+            else:
+                out.others.append(path)
+    return out
+
+
 def read_caption(path) -> str:
-    """A caption file's text: strict UTF-8 (a BOM is allowed), whitespace collapsed at the ends."""
+    """A caption file's text: strict UTF-8 (a BOM is allowed), whitespace stripped at the ends."""
     path = Path(path)
     try:
         return path.read_bytes().decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise ImgloraError("caption is not UTF-8 text", "re-save it as UTF-8", path=path) from None
+    except UnicodeDecodeError as e:
+        raise ImgloraError(f"caption is not UTF-8 text (byte {e.start})", "re-save it as UTF-8", path=path) from None
     except OSError as e:
         raise ImgloraError(f"unreadable caption ({e.strerror})", "check the file", path=path) from None
 
 
-def _jsonl_captions(folder: Path) -> dict[str, str]:
-    """file_name -> text (or caption) from a Hugging Face imagefolder metadata.jsonl."""
-    meta = folder / "metadata.jsonl"
-    out: dict[str, str] = {}
-    if not meta.is_file():
-        return out
-    for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+def read_metadata(path) -> dict[Path, str]:
+    """{image path: caption} from a metadata.jsonl; `file_name` is relative to the file's folder."""
+    path = Path(path)
+    text = read_caption(path)  # the same strict UTF-8 rule
+    out: dict[Path, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            text = row.get("text", row.get("caption"))
-            out[str(row["file_name"])] = text if isinstance(text, str) else ""
-        except (ValueError, KeyError, AttributeError):
-            raise ImgloraError(f"line {n} is not a JSON object with file_name and text",
-                               "fix metadata.jsonl (one {\"file_name\": ..., \"text\": ...} per line)",
-                               path=meta) from None
+            name = row["file_name"]
+            if not isinstance(name, str) or not name:
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ImgloraError(f"line {n} is not a JSON object with a file_name",
+                               'fix it: one {"file_name": "a.png", "text": "..."} per line', path=path) from None
+        caption = row.get("text", row.get("caption"))
+        out[Path(os.path.normpath(path.parent / name))] = caption.strip() if isinstance(caption, str) else ""
     return out
 
 
-def _walk(root: Path):
-    """Image files under root, sorted, following no symlinked folders (no loops)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                yield p
+def metadata_captions(files: list[Path]) -> dict[Path, str]:
+    """Captions from every metadata.jsonl; where two name one image, the deeper file wins."""
+    captions: dict[Path, str] = {}
+    for meta in sorted(files, key=lambda p: len(p.parts)):
+        captions.update(read_metadata(meta))
+    return captions
 
 
-def _concept(folder: Path, root: Path) -> tuple[str, int]:
-    """(folder name without a kohya N_ prefix, repeats) for the nearest repeat folder, else (name, 1)."""
+def concept(folder: Path, root: Path) -> tuple[str, int]:
+    """(folder name without a kohya N_ prefix, repeats) of the nearest repeat folder, else (name, 1)."""
     for part in reversed(folder.relative_to(root.parent).parts):
         m = REPEAT_DIR.match(part)
         if m:
@@ -72,44 +125,73 @@ def _concept(folder: Path, root: Path) -> tuple[str, int]:
     return folder.name.replace("_", " "), 1
 
 
-def _fallback(rule: str, image: Path, folder_name: str) -> str:
+def check_fallback(rule: str | None) -> None:
+    """Refuse a template that names fields other than {folder} and {stem}."""
+    if rule in (None, "", "folder", "filename"):
+        return
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(rule) if f is not None}
+    except ValueError as e:
+        raise ImgloraError(f"caption template {rule!r} is malformed ({e})", "use e.g. 'a photo of {folder}'") from None
+    if fields - {"folder", "stem"}:
+        raise ImgloraError(f"caption template {rule!r} uses {', '.join(sorted(fields - {'folder', 'stem'}))}",
+                           "use only {folder} and {stem}, or folder or filename")
+
+
+def fallback_caption(rule: str, image: Path, folder_name: str) -> str:
+    """The caption `rule` (folder, filename or a template) gives an image that has none."""
     if rule == "folder":
         return folder_name
-    if rule == "filename":
-        return re.sub(r"[_\-]+", " ", re.sub(r"\s*\(\d+\)$", "", image.stem)).strip()
-    return rule.format(folder=folder_name, stem=image.stem)
+    if rule == "filename":  # "my_cat-photo (2).jpg" -> "my cat photo"
+        return re.sub(r"[_\-\s]+", " ", re.sub(r"\s*\(\d+\)$", "", image.stem)).strip()
+    return rule.format(folder=folder_name, stem=image.stem).strip()
 
 
-def collect_items(root, caption_extensions=(".txt", ".caption"), fallback: str | None = None,
+def add_prefix(caption: str, prefix: str | None) -> str:
+    """Put a trigger word or prefix in front, unless the caption already starts with it (as a word)."""
+    if not prefix or not caption:
+        return caption or prefix or ""
+    if re.match(re.escape(prefix) + r"(\W|$)", caption):
+        return caption
+    # Tag captions stay tags ("zorbly, red, circle"); a sentence gets the word in front ("zorbly a red ...").
+    return f"{prefix}, {caption}" if "," in caption else f"{prefix} {caption}"
+
+
+def sidecar(image: Path, caption_extensions=CAPTION_EXTENSIONS) -> Path | None:
+    """The caption file of an image, in the order of `caption_extensions`."""
+    for ext in caption_extensions:
+        side = image.with_suffix(ext)
+        if side.is_file():
+            return side
+    return None
+
+
+def collect_items(root, caption_extensions=CAPTION_EXTENSIONS, fallback: str | None = None,
                   prefix: str | None = None) -> list[Item]:
-    """Every image under `root` with its caption, in a fixed order."""
+    """Every image under `root` with its caption and repeats, in a fixed (sorted) order."""
     root = Path(root)
-    jsonl: dict[Path, dict[str, str]] = {}
+    check_fallback(fallback)
+    found = walk(root)
+    jsonl = metadata_captions(found.metadata)
     items = []
-    for image in _walk(root):
-        folder = image.parent
-        if folder not in jsonl:
-            jsonl[folder] = _jsonl_captions(folder)
-        concept, repeats = _concept(folder, root)
+    for image in found.images:
+        name, repeats = concept(image.parent, root)
         caption, problem = None, None
-        for ext in caption_extensions:
-            side = image.with_suffix(ext)
-            if side.is_file():
-                try:
-                    caption = read_caption(side)
-                except ImgloraError as e:
-                    problem = e.what
-                break
-        else:
-            if image.name in jsonl[folder]:
-                caption = jsonl[folder][image.name].strip()
+        side = sidecar(image, caption_extensions)
+        if side is not None:
+            try:
+                caption = read_caption(side)
+            except ImgloraError as e:
+                problem = e.what
+        elif image in jsonl:
+            caption = jsonl[image]
         if not caption and problem is None:
             if fallback:
-                caption = _fallback(fallback, image, concept)
-            else:
-                problem = "empty caption" if caption == "" else "missing caption"
+                caption = fallback_caption(fallback, image, name) or None
+            if not caption:
+                problem = "empty caption" if side is not None or image in jsonl else "missing caption"
                 caption = None
-        if caption and prefix and not caption.startswith(prefix):
-            caption = f"{prefix}, {caption}" if "," in caption else f"{prefix} {caption}"
+        if caption:
+            caption = add_prefix(caption, prefix)
         items.append(Item(image, caption, repeats, problem))
     return items

@@ -1,22 +1,27 @@
 """The pre-training scan: every image opened and checked in parallel, problems listed per file.
 
-Reads only what is needed: the header for size and format, a 1/8-scale decode for JPEG (which still
-reaches the end of the file, so truncation shows), PNG's chunk checksums. Nothing is written.
+Reads only what is needed: the header for size, format and EXIF; then a decode check that is cheap
+per format: JPEG decoded at 1/8 scale (the IDCT scaling still reads every byte, so a half JPEG fails,
+RELIABILITY.md I2, although `verify()` passes), PNG's chunk checksums (`verify()` does catch a cut
+PNG), anything else fully. Nothing is written.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..errors import ImgloraError
 from .captions import Item
-from .images import ImageInfo, _open, probe_image
+from .images import ImageInfo, decode_error, info_of, opened
 
 
 @dataclass
@@ -30,53 +35,72 @@ class Problem:
 class ScanResult:
     ok: list[Item]
     problems: list[Problem]
-    infos: dict[Path, ImageInfo] = field(default_factory=dict)
+    infos: dict[Path, ImageInfo] = field(default_factory=dict)  # every image whose header could be read
 
 
-def check_decodes(path: Path, info: ImageInfo) -> None:
-    """Raise ImgloraError if the image data is cut short or corrupt."""
-    try:
-        with _open(path) as img:
-            if info.format == "JPEG":
-                img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+def inspect_image(path, data: bytes | None = None,
+                  measure: Callable[[Image.Image, ImageInfo], Any] | None = None) -> tuple[ImageInfo, Any]:
+    """Open once: header info, then the decode check. With `measure`, the image is decoded (JPEG at
+    reduced scale) and `measure(decoded, info)` is returned too; `data` is the file's bytes if read."""
+    with opened(path, data) as img:
+        try:
+            info = info_of(img, path)
+            w, h = img.size
+            if info.format in ("JPEG", "MPO"):
+                # 1/8 scale where the hash needs little; 64 px keeps enough detail for a perceptual hash.
+                img.draft("RGB" if img.mode == "RGB" else None, (max(64, w // 8), max(64, h // 8)))
                 img.load()
-            elif info.format == "PNG":
-                img.verify()
+            elif info.format == "PNG" and measure is None:
+                img.verify()  # CRCs of every chunk: a cut or damaged PNG fails here, without inflating it
             else:
                 img.load()
-    except ImgloraError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        what = "truncated image" if "truncated" in str(e) or "broken" in str(e) else f"corrupt image ({e})"
-        raise ImgloraError(what, "remove it or copy it again", path=path) from None
+            return info, (measure(img, info) if measure else None)
+        except ImgloraError:
+            raise
+        except Exception as e:  # decoder errors of every kind become one line naming the file
+            raise decode_error(path, e) from None
 
 
-def _check(item: Item, min_side: int):
+def check_item(item: Item, min_side: int) -> tuple[ImageInfo | None, Problem | None]:
+    """(header info or None, the first problem or None) of one training item."""
     try:
-        info = probe_image(item.image)
-        check_decodes(item.image, info)
+        info, _ = inspect_image(item.image)
     except ImgloraError as e:
         return None, Problem(item.image, e.what, e.fix)
-    if min(info.size) < min_side:
-        return info, Problem(item.image, f"too small ({info.size[0]}x{info.size[1]}, under {min_side} px)",
+    w, h = info.size
+    if min(w, h) < min_side:
+        return info, Problem(item.image, f"too small ({w}x{h}, under {min_side} px)",
                              "remove it or use a larger version")
     if item.problem:
         return info, Problem(item.image, item.problem, "add a caption file or pass --caption-fallback")
     return info, None
 
 
+def parallel_map(fn, items: list, workers: int | None, desc: str, progress: bool = True) -> list:
+    """fn over items on a thread pool, in order, with a progress bar on stderr (rate and ETA).
+
+    Threads suffice: Pillow's decoders, zlib and hashlib release the GIL, and nothing is copied
+    between processes."""
+    workers = max(1, workers or min(8, (os.cpu_count() or 2) * 2))
+    bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=not progress, delay=0.5,
+               mininterval=0.25, dynamic_ncols=True)
+    out = []
+    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(fn, items, chunksize=1):
+            out.append(result)
+            bar.update()
+    return out
+
+
 def scan_items(items: list[Item], min_side: int = 64, workers: int | None = None, progress: bool = True) -> ScanResult:
-    """Split items into usable ones and problems (one per bad file, with the reason)."""
-    workers = workers or min(8, (os.cpu_count() or 2) * 2)
+    """Split items into usable ones and problems (one per bad file, with the reason and the fix)."""
     ok, problems, infos = [], [], {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda it: _check(it, min_side), items)
-        for item, (info, problem) in tqdm(zip(items, results), total=len(items), desc="scanning", unit="img",
-                                          disable=not progress or len(items) < 200):
-            if info is not None:
-                infos[item.image] = info
-            if problem is None:
-                ok.append(item)
-            else:
-                problems.append(problem)
+    results = parallel_map(lambda it: check_item(it, min_side), items, workers, "scanning images", progress)
+    for item, (info, problem) in zip(items, results):
+        if info is not None:
+            infos[item.image] = info
+        if problem is None:
+            ok.append(item)
+        else:
+            problems.append(problem)
     return ScanResult(ok, problems, infos)
