@@ -184,3 +184,64 @@ def train_judge(out: str | Path, seed: int = 0, images: int = 24_000, steps: int
     tmp.replace(out)
     log(f"wrote {out}: held-out accuracy {json.dumps(result)}")
     return result
+
+
+def base_prompts(backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)) -> list[tuple[str, dict[str, str]]]:
+    """Every base shape x colour (x background) caption with its labels."""
+    return [(CAPTION.format(colour=c, shape=s, background=b), dict(colour=c, shape=s, background=b))
+            for s in BASE_SHAPES for c in COLOURS for b in backgrounds]
+
+
+@torch.no_grad()
+def evaluate(pipe, prompts_with_labels: list[tuple[str, dict[str, str]]], seeds: int | list[int] = 4,
+             steps: int = 25, guidance: float = 4.0, judge: Judge | None = None, batch: int = 64,
+             keep_images: bool = False) -> dict:
+    """Generate every prompt with every seed (batched, one CPU generator per image) and score it.
+
+    Returns the share of images whose judged label equals the prompted one, per label kind present in
+    the labels ("colour", "shape", "background"), "all" (every given label right), per-shape and
+    per-colour breakdowns, and with `keep_images` the images and predictions.
+    """
+    judge = judge or load_judge()
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    jobs = [(p, labels, s) for p, labels in prompts_with_labels for s in seeds]
+    images = []
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i:i + batch]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]
+        images += pipe([p for p, _, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=gens).images
+    preds = judge.predict(images)
+    result: dict = {"n": len(jobs), "steps": steps, "guidance": guidance}
+    for kind in ("colour", "shape", "background"):
+        scored = [p[kind] == labels[kind] for p, (_, labels, _) in zip(preds, jobs) if kind in labels]
+        if scored:
+            result[kind] = round(sum(scored) / len(scored), 4)
+    result["all"] = round(sum(all(p[k] == v for k, v in labels.items()) for p, (_, labels, _) in zip(preds, jobs))
+                          / len(jobs), 4)
+    for kind, by in (("shape", "by_shape"), ("colour", "by_colour")):
+        groups: dict[str, list[bool]] = {}
+        for p, (_, labels, _) in zip(preds, jobs):
+            if kind in labels:
+                groups.setdefault(labels[kind], []).append(all(p[k] == v for k, v in labels.items()))
+        if groups:
+            result[by] = {k: round(sum(v) / len(v), 3) for k, v in groups.items()}
+    if keep_images:
+        result["images"], result["predictions"] = images, preds
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m imglora.models.judge", description="train the judge")
+    p.add_argument("--out", type=Path, default=JUDGE_PATH, help="the .safetensors file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=24_000, help="training renders")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    train_judge(a.out, seed=a.seed, images=a.images, steps=a.steps, threads=a.threads)
+
+
+if __name__ == "__main__":
+    main()

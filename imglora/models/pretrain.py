@@ -44,7 +44,8 @@ RESOLUTION = 64  # pixels; the VAE downsamples 8x to 8x8x4 latents
 class Recipe:
     seed: int = field(default=0, metadata={"help": "seeds the renders, the initial weights and every batch"})
     images: int = field(default=18_000, metadata={"help": "training renders (all base shape x colour x background)"})
-    vae_steps: int = field(default=1500, metadata={"help": "VAE steps on 32x32 crops"})
+    vae_steps: int = field(default=1500, metadata={"help": "VAE steps on random crops"})
+    vae_crop: int = field(default=32, metadata={"help": "crop size of the first VAE steps (pixels)"})
     vae_full_steps: int = field(default=200, metadata={"help": "VAE steps on whole 64x64 images, after the crops"})
     vae_batch: int = field(default=32, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
@@ -73,7 +74,8 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_att
 # DDPM training schedule; the linear betas end near zero SNR, so white, gray and black backgrounds
 # (very different image means) are all reachable from pure noise.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+                steps_offset=1)
 
 
 def vocabulary() -> list[str]:
@@ -118,20 +120,33 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def random_crops(x: torch.Tensor, crop: int, gen: torch.Generator, tries: int = 3) -> torch.Tensor:
+    """One crop per image, the busiest (highest pixel std) of `tries` random ones: mostly edges, not background."""
+    b, n = x.shape[0], x.shape[-1] - crop + 1
+    offsets = torch.randint(0, n, (tries, b, 2), generator=gen)
+    span = torch.arange(crop)
+    batch = torch.arange(b)[:, None, None, None]
+    channel = torch.arange(x.shape[1])[None, :, None, None]
+    crops = [x[batch, channel, (o[:, 0, None] + span)[:, None, :, None], (o[:, 1, None] + span)[:, None, None, :]]
+             for o in offsets]  # each (b, 3, crop, crop)
+    busiest = torch.stack([c.float().std(dim=(1, 2, 3)) for c in crops]).argmax(dim=0)
+    return torch.stack(crops)[busiest, torch.arange(b)]
+
+
 def train_vae(vae, pixels: torch.Tensor, r: Recipe, gen: torch.Generator, device) -> dict:
     """L1 reconstruction + a small KL; 32x32 crops first (4x cheaper; the VAE is convolutional)."""
+    # Start the posterior's log-variance at -6 (std 0.05, where training ends up anyway): with the default
+    # std of 1 the decoder first sees mostly noise and learning crawls.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] -= 6.0
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     total = r.vae_steps + r.vae_full_steps
     bar = tqdm(range(total), desc="vae", unit="step", mininterval=2.0)
     for step in bar:
-        crop = 32 if step < r.vae_steps else RESOLUTION
+        crop = r.vae_crop if step < r.vae_steps else RESOLUTION
         idx = torch.randint(0, len(pixels), (r.vae_batch,), generator=gen)
-        x = to_unit(pixels[idx])
-        if crop < RESOLUTION:
-            i, j = torch.randint(0, RESOLUTION - crop + 1, (2,), generator=gen).tolist()
-            x = x[:, :, i:i + crop, j:j + crop]
-        x = x.to(device)
+        x = to_unit(random_crops(pixels[idx], crop, gen) if crop < RESOLUTION else pixels[idx]).to(device)
         for group in opt.param_groups:
             group["lr"] = r.vae_lr * schedule(step, total, 100)
         dist = vae.encode(x).latent_dist
@@ -257,6 +272,8 @@ def save_folder(out: Path, vae, unet, text_encoder, tokenizer, scheduler, defaul
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # transformers saves only tokenizer.json; the slow-tokenizer files keep older readers working.
+    write_clip_tokenizer(tmp / "tokenizer", vocabulary())
     # fp16 UNet and VAE keep the folder under 20 MB; diffusers loads them back as float32. The text
     # encoder stays float32: transformers would otherwise load it as float16.
     for name, module in (("unet", unet), ("vae", vae)):
