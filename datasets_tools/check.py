@@ -4,8 +4,8 @@ One parallel pass reads each image file once: content hash of the bytes, then th
 inspection (header, EXIF, the decode check) on those bytes, plus a 9x8 perceptual hash. Captions are
 found by the trainer's own rules (imglora/data/captions.py). Nothing under DIR is written.
 
-Severity: "error" = the trainer skips the file (or stops, past --max-bad); "warning" = it trains, but
-probably not as intended.
+Severity: "error" = training cannot use the file as it is (the trainer skips it, or stops past
+--max-bad); "warning" = it trains, but probably not as intended.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Finding:
     reason: str
     fix: str
     kind: str  # image, caption, duplicate, folder
-    severity: str = "warning"  # error: the trainer skips it; warning: it trains, probably not as meant
+    severity: str = "warning"  # error: training cannot use it; warning: it trains, probably not as meant
 
 
 @dataclass

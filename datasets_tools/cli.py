@@ -56,7 +56,7 @@ def check_command(args) -> int:
         for f in report.findings:
             print(f"{f.path}: {f.severity}: {f.reason} — {f.fix}")
         d = report.as_dict()
-        print(f"{args.dir}: {report.images} images, {d['errors']} error(s) (the trainer skips these), "
+        print(f"{args.dir}: {report.images} images, {d['errors']} error(s) (files training cannot use), "
               f"{d['warnings']} warning(s)" if report.findings else
               f"{args.dir}: {report.images} images, no problems found", file=sys.stderr)
     return 1 if report.findings else 0
