@@ -148,6 +148,9 @@ def load_tokenizer(path: str | None):
         folder = folder / "tokenizer"
     if not folder.is_dir():
         raise ImgloraError("no such folder", "pass a CLIP tokenizer folder or a diffusers model folder", path=path)
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise ImgloraError("not a CLIP tokenizer folder (no vocab.json and merges.txt)",
+                           "pass a tokenizer folder or a diffusers model folder (with tokenizer/)", path=path)
     from imglora.models.tiny import load_clip_tokenizer
 
     try:
@@ -217,7 +220,7 @@ def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, f
 
 
 # -- duplicates -------------------------------------------------------------------------------------
-NEAR_CELL_LEVELS, NEAR_CELLS = 24, 3
+NEAR_MEAN_LEVELS, NEAR_CELL_LEVELS, NEAR_CELLS = 6, 24, 3
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -254,10 +257,12 @@ def duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
         candidates = np.nonzero(close)[0] + i + 1
         if not len(candidates):
             continue
-        # Same picture: at most 3 of the 64 cells differ by more than 24 levels (a re-encode or resize
-        # moves cells by a few levels; a different picture on a similar background moves many).
-        cells = (np.abs(thumbs[candidates] - thumbs[i]).max(axis=3) > NEAR_CELL_LEVELS).sum(axis=(1, 2))
-        for j in candidates[cells <= NEAR_CELLS]:
+        # The same picture: 8x8 colours within a few levels on average (a re-encode or resize moves
+        # them by ~1, a 1% crop by ~4) and at most 3 cells far off (a watermark, a small edit); two
+        # different pictures on similar backgrounds differ more (dHash sees little in flat areas).
+        diff = np.abs(thumbs[candidates] - thumbs[i]).max(axis=3)
+        same = (diff.mean(axis=(1, 2)) <= NEAR_MEAN_LEVELS) & ((diff > NEAR_CELL_LEVELS).sum(axis=(1, 2)) <= NEAR_CELLS)
+        for j in candidates[same]:
             reported[j] = True
             out.append(Finding(str(unique[j]["path"]), f"near duplicate of {unique[i]['path']}",
                                "remove one unless they differ on purpose", "duplicate"))
@@ -265,7 +270,7 @@ def duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
 
 
 def check_folder(root, min_side: int = 64, max_aspect: float = 4.0, max_tokens: int = 77, tokenizer=None,
-                 near_bits: int = 3, workers: int | None = None, progress: bool = True, fallback: str | None = None,
+                 near_bits: int = 6, workers: int | None = None, progress: bool = True, fallback: str | None = None,
                  trigger: str | None = None, caption_extensions=CAPTION_EXTENSIONS) -> Report:
     """Every problem under `root`, image by image, then captions, then duplicates."""
     root = Path(root)

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-aspect", type=positive(float), default=4.0, help="largest long/short side ratio")
     c.add_argument("--max-tokens", type=positive(int), default=77, help="CLIP tokens a caption may use")
     c.add_argument("--tokenizer", help="CLIP tokenizer folder, or a diffusers model folder (exact token counts)")
-    c.add_argument("--near-bits", type=int, default=3, help="perceptual-hash bits that may differ in a near "
+    c.add_argument("--near-bits", type=int, default=6, help="perceptual-hash bits that may differ in a near "
                    "duplicate (-1: off)")
     c.add_argument("--caption-fallback", help="as in training: folder, filename or a template with {folder}, {stem}")
     c.add_argument("--trigger", help="as in training: counted in the caption length")
