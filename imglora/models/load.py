@@ -36,6 +36,22 @@ def model_defaults(pipe) -> dict:
     return {}
 
 
+def native_resolution(model: str | os.PathLike | None, config: str | os.PathLike | None = None) -> int | None:
+    """The model's training resolution from its config files alone (no weights are read)."""
+    path = resolve_model(model)
+    folder = path if path.is_dir() else (Path(config) if config else None)
+    if folder is None:
+        return None
+    try:
+        if (folder / "imglora.json").is_file():
+            return json.loads((folder / "imglora.json").read_text())["resolution"]
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None  # the full load will say what is wrong
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
     if model is None:
         from .embedded import default_model_path

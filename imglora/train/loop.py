@@ -26,7 +26,7 @@ from ..formats.files import atomic_write, clean_temp_files
 from ..formats.lora_file import load_adapter, save_adapter
 from ..formats.metadata import build_metadata
 from ..lora.adapters import Adapters
-from ..models.load import layers_per_block, load_pipeline, model_defaults, pipeline_arch
+from ..models.load import layers_per_block, load_pipeline, native_resolution, pipeline_arch
 from . import checkpoint as ckpt
 from .data import LatentCache, TrainData, bucket_histogram, build_data, encode_images, pixels, shuffle_caption, \
     vae_fingerprint
@@ -85,8 +85,10 @@ class Trainer:
             raise ImgloraError("already exists", "pass --overwrite to replace it, or --resume latest to continue",
                                path=self.final)
         torch.manual_seed(cfg.seed)
-        self._load_models()
+        # The data is checked before the (possibly large) model is loaded: a bad folder fails fast.
+        self.resolution = cfg.resolution or native_resolution(cfg.model, cfg.model_config) or 512
         self._load_data()
+        self._load_models()
         # Only a run that got this far writes anything: a bad dataset leaves no output folder behind.
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +108,6 @@ class Trainer:
         cfg, device = self.cfg, self.acc.device
         self.pipe = load_pipeline(cfg.model, config=cfg.model_config)
         self.arch, self.prediction = pipeline_arch(self.pipe)
-        self.resolution = cfg.resolution or model_defaults(self.pipe).get("resolution") or \
-            self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.dtype = DTYPES[cfg.mixed_precision]
         self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m]
         for m in [self.pipe.unet, self.pipe.vae, *self.text_encoders]:

@@ -83,7 +83,7 @@ class Payload:
         return (os.system, (f"touch {os.environ.get('IMGLORA_SENTINEL', '/tmp/imglora-pwned')}",))
 
 
-def test_pickled_checkpoints_never_run_code(tmp_path, monkeypatch, capsys):
+def test_pickled_checkpoints_never_run_code(shapes, tmp_path, monkeypatch, capsys):
     sentinel = tmp_path / "pwned"
     monkeypatch.setenv("IMGLORA_SENTINEL", str(sentinel))
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RELIABILITY.md F7: even with this set
@@ -92,7 +92,8 @@ def test_pickled_checkpoints_never_run_code(tmp_path, monkeypatch, capsys):
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
     (cfg_dir / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert main(["train", "--model", str(ckpt), "--model-config", str(cfg_dir), "--data", str(tmp_path)]) == 2
+    assert main(["train", "--model", str(ckpt), "--model-config", str(cfg_dir), "--data", str(shapes),
+                 "--output", str(tmp_path / "o")]) == 2
     assert "refused to load the pickle" in capsys.readouterr().err
     assert not sentinel.exists()
     single = tmp_path / "model.safetensors"
