@@ -196,6 +196,9 @@ def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, f
             except ImgloraError as e:
                 out.append(Finding(str(side), e.what, e.fix, "caption", "error"))
                 continue
+            if image in jsonl and jsonl[image] != text:
+                out.append(Finding(str(side), f"caption differs from its row in metadata.jsonl ({side.name} is used)",
+                                   "remove one of the two", "caption"))
         elif image in jsonl:
             where, text = image, jsonl[image]
         else:

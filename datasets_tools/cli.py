@@ -37,10 +37,13 @@ def positive(kind):
 
 
 def colour(text: str) -> tuple[int, int, int]:
-    t = text.strip().lstrip("#")
-    if len(t) != 6 or any(c not in "0123456789abcdefABCDEF" for c in t):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a #rrggbb colour (e.g. '#ffffff')")
-    return tuple(int(t[i:i + 2], 16) for i in (0, 2, 4))
+    """'#rrggbb', '#rgb' or a CSS colour name."""
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(text.strip())[:3]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a colour (e.g. '#ffffff' or white)") from None
 
 
 def check_command(args) -> int:
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale and centre-crop to the trainer's buckets at this resolution")
     r.add_argument("--bucket-step", type=positive(int), default=64)
     r.add_argument("--no-upscale", action="store_true", help="with --buckets: small images keep their size")
-    r.add_argument("--background", type=colour, default=(255, 255, 255), metavar="#RRGGBB",
+    r.add_argument("--background", type=colour, default=(255, 255, 255), metavar="COLOUR",
                    help="colour that transparency is flattened onto (default #ffffff)")
     r.add_argument("--format", default="keep", choices=["keep", "png", "jpg", "webp"],
                    help="keep: JPEG stays JPEG, everything else becomes PNG")

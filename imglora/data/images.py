@@ -205,9 +205,9 @@ def info_of(img: Image.Image, path) -> ImageInfo:
     return ImageInfo(Path(path), img.format, img.mode, size, turn != 1, getattr(img, "n_frames", 1))
 
 
-def probe_image(path) -> ImageInfo:
+def probe_image(path, data: bytes | None = None) -> ImageInfo:
     """Header only: format, mode, size after EXIF rotation, frames. Fast; truncation is not seen."""
-    with opened(path) as img:
+    with opened(path, data) as img:
         try:
             return info_of(img, path)
         except ImgloraError:
@@ -255,11 +255,13 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, 1, L, P: Pillow's conversions are correct for these
 
 
-def load_image(path, background=(255, 255, 255)) -> Image.Image:
+def load_image(path, background=(255, 255, 255), data: bytes | None = None) -> Image.Image:
     """The image as 8-bit RGB: EXIF orientation applied, transparency flattened onto `background`,
-    CMYK and 16-bit converted correctly, animations at their first frame. Truncated files are errors."""
+    CMYK and 16-bit converted correctly, animations at their first frame. Truncated files are errors.
+
+    `data`: the file's bytes, if already read (or to fuzz it without a file); `path` then only names it."""
     path = Path(path)
-    with opened(path) as img:
+    with opened(path, data) as img:
         try:
             img.load()  # full decode: a truncated JPEG passes verify() and fails only here (I2)
             return to_rgb(ImageOps.exif_transpose(img), background)

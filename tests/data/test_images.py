@@ -51,6 +51,7 @@ def test_i1_decompression_bomb_is_refused_fast_and_small(tmp_path):
     assert rss_mb() - before < 100
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest records it; we still refuse
 @pytest.mark.parametrize("w,h,mp", [(10000, 10000, 100), (9500, 9500, 90), (13000, 13700, 178)])
 def test_i1_images_between_one_and_two_times_the_limit_are_flagged_too(tmp_path, w, h, mp):
     path = tmp_path / "big.png"
@@ -246,6 +247,13 @@ def test_sniff_names_what_a_file_is():
     assert sniff(b"\x89PNG\r\n\x1a\n") == "PNG" and sniff(b"II*\x00") == "TIFF"
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP" and sniff(b"\x00\x00\x00\x1cftypavif") == "AVIF"
     assert sniff(b"\x00\x01\x02\xff") is None
+
+
+def test_images_load_from_bytes_too():
+    data = encoded(Image.new("RGB", (8, 4), "red"), "PNG")
+    assert load_image("mem.png", data=data).size == (8, 4) and probe_image("mem.png", data=data).format == "PNG"
+    with pytest.raises(ImgloraError, match="mem.png: not a supported image"):
+        load_image("mem.png", data=b"nope")
 
 
 def test_z1_mutated_images_raise_only_imglora_error(tmp_path):

@@ -18,6 +18,9 @@ from datasets_tools.cli import main
 from imglora.data.captions import collect_items
 from imglora.data.scan import scan_items
 
+# Pillow warns between 1x and 2x its pixel limit; imglora refuses those itself (test_images.py checks both ways).
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+
 
 def tree_hash(root) -> str:
     """Names, modes, times and bytes of everything under root (links by their target)."""
@@ -119,9 +122,12 @@ def planted(tmp_path):
     (d / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     expect["photo.heic"] = "not a supported image type (.heic)"
     put("hf/in_jsonl.png", shape("yellow", seed=22), caption=None)
-    (d / "hf" / "metadata.jsonl").write_text(json.dumps({"file_name": "in_jsonl.png", "text": "a yellow thing"}) +
-                                             "\n" + json.dumps({"file_name": "gone.png", "text": "lost"}) + "\n")
+    put("hf/conflict.png", shape("orange", seed=23), caption="the sidecar says this")
+    (d / "hf" / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in [
+        {"file_name": "in_jsonl.png", "text": "a yellow thing"}, {"file_name": "gone.png", "text": "lost"},
+        {"file_name": "conflict.png", "text": "the jsonl says that"}]) + "\n")
     expect["hf/gone.png"] = "caption without an image (a row of metadata.jsonl)"
+    expect["hf/conflict.txt"] = "caption differs from its row in metadata.jsonl (conflict.txt is used)"
     put("copy.png", (d / "clean0.png").read_bytes(), "exact duplicate of")
     put("near.png", shape("red", seed=0).resize((120, 120)).resize((128, 128)), "near duplicate of")  # resampled
     put("reencoded.jpg", shape("green", seed=1), "near duplicate of", quality=60)  # clean1 as a JPEG
@@ -157,7 +163,7 @@ def test_every_planted_problem_is_reported_once_and_nothing_changes(tmp_path, ca
     assert not any("clean" in n for n in found), {n: v for n, v in found.items() if "clean" in n}
     assert set(found) == set(expect), set(found) ^ set(expect)
     assert all(p["fix"] and p["severity"] in ("error", "warning") for p in report["problems"])
-    assert report["images"] == 35  # 6 clean, 29 planted (a broken link and a FIFO among them)
+    assert report["images"] == 36  # 6 clean, 30 planted (a broken link and a FIFO among them)
     assert report["errors"] + report["warnings"] == len(report["problems"]) == len(expect)
     severity = {n: v[0]["severity"] for n, v in found.items()}
     assert severity["truncated.jpg"] == severity["nocaption.png"] == severity["latin1.txt"] == "error"
