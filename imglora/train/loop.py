@@ -202,10 +202,11 @@ class Trainer:
             groups.append({"params": self.te_params, "lr": cfg.text_encoder_lr or cfg.lr})
         self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.weight_decay, self.acc.device.type)
         self.schedule = make_schedule(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
-        # DDP wraps the models whose adapters train; the LoraLayers inside are the same objects.
-        models = [self.pipe.unet] + (self.text_encoders if self.te_params else [])
-        prepared = self.acc.prepare(*models, self.optimizer)
-        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        # DDP wraps the UNet (the LoraLayers inside are the same objects). The text encoders run inside
+        # the pipeline's encode_prompt, not through a wrapper, so their adapter gradients are averaged
+        # by hand (see train_step).
+        unet, self.optimizer = self.acc.prepare(self.pipe.unet, self.optimizer)
+        self.models = [unet]
         self.step = 0
 
     # -- Batches --------------------------------------------------------------------------------
@@ -281,6 +282,11 @@ class Trainer:
                 loss = self.loss(batch, generator) / cfg.grad_accum
                 self.acc.backward(loss)
             total += loss.detach()
+        if self.world > 1 and self.te_params:
+            for p in self.te_params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)  # a sum (gloo has no average)
+                    p.grad /= self.world
         if cfg.max_grad_norm:
             self.acc.clip_grad_norm_(self.unet_params + self.te_params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -313,6 +319,7 @@ class Trainer:
             return
         try:
             self.adapters.changed()
+            self.pipe.unet.eval()
             self.pipe.to(self.acc.device)
             with self.acc.autocast():
                 path = render_samples(self.pipe, self.adapters, NAME, prompts, self.out / "samples", self.step,
@@ -321,6 +328,7 @@ class Trainer:
         except Exception as e:  # a failed sample must never cost the run (RELIABILITY.md T8)
             self.say(f"warning: sampling failed at step {self.step}: {e}")
         finally:
+            self.pipe.unet.train()
             if self.latents is not None and self.acc.device.type != "cpu":
                 self.pipe.vae.to("cpu")
             if self.text_cache is not None and self.acc.device.type != "cpu":

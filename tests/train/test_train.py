@@ -239,7 +239,7 @@ def test_two_processes_under_accelerate_train_in_sync(model_dir, shapes, tmp_pat
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "imglora.cli", "train",
            "--device", "cpu", "--model", str(model_dir), "--data", str(shapes), "--output", str(out), "--steps", "4",
-           "--save-every", "2", *FAST]
+           "--save-every", "2", "--train-text-encoder", *FAST]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "processes in sync" in r.stdout + r.stderr
