@@ -1,10 +1,8 @@
 """`imglora-data check`: a folder with every problem planted; each is reported once, clean files never."""
 
-import hashlib
 import io
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_helpers import exit_code, shape, tree_hash
 from datasets_tools.check import check_folder, count_tokens
 from datasets_tools.cli import main
 from imglora.data.captions import collect_items
@@ -20,32 +19,6 @@ from imglora.data.scan import scan_items
 
 # Pillow warns between 1x and 2x its pixel limit; imglora refuses those itself (test_images.py checks both ways).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-
-
-def tree_hash(root) -> str:
-    """Names, modes, times and bytes of everything under root (links by their target)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            h.update(f"{p}|{st.st_mode}|{st.st_mtime_ns}".encode())
-            if os.path.islink(p):
-                h.update(os.readlink(p).encode())
-            elif os.path.isfile(p):
-                with open(p, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
-
-
-def shape(colour="red", size=(128, 128), seed=0):
-    """A distinct picture per seed: different shapes, positions and backgrounds."""
-    from imglora.data.synth import BASE_SHAPES, NEW_SHAPES, render
-
-    kinds = BASE_SHAPES + NEW_SHAPES
-    bg = ("white", "black", "gray")[seed % 3]
-    return render(kinds[seed % len(kinds)], colour, bg, max(size), random.Random(seed)).resize(size)
 
 
 def _header_only_png(w, h) -> bytes:
@@ -200,13 +173,6 @@ def test_text_output_and_exit_codes(tmp_path, capsys):
     # What training would do: with --caption-fallback the missing caption is no problem
     assert main(["check", str(d), "--caption-fallback", "filename", "--json"]) == 1
     assert [p["reason"][:20] for p in json.loads(capsys.readouterr().out)["problems"]] == ["not a supported imag"]
-
-
-def exit_code(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:  # argparse's own errors
-        return e.code
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,10 +6,9 @@ import os
 import pytest
 from PIL import Image
 
+from data_helpers import exit_code, shape, tree_hash
 from datasets_tools.cli import main
 from imglora.data.captions import collect_items
-
-from .test_check import exit_code, shape, tree_hash
 
 
 def folder(tmp_path, captions, name="data"):
