@@ -71,7 +71,7 @@ def measure(img: Image.Image, info: ImageInfo) -> Pixels:
     """Perceptual hash and transparency of a decoded image (JPEG arrives draft-reduced)."""
     transparent = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") and img.getchannel("A").getextrema()[0] < 255
     small = img if img.mode in ("RGB", "RGBA", "L", "LA", "CMYK") else to_rgb(img)
-    small = to_rgb(small.resize((32, 32), Image.Resampling.BOX))
+    small = to_rgb(small.resize((32, 32), Image.Resampling.BOX, reducing_gap=2.0))
     turn = orientation(img)
     if turn in _TRANSPOSE:  # hash what trains, so a rotated copy of a picture still matches
         small = small.transpose(_TRANSPOSE[turn])
