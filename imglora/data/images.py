@@ -49,7 +49,8 @@ class ImageInfo:
 
 
 def max_pixels() -> int:
-    return Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS  # never None here, whatever a caller set
+    """The pixel limit: Pillow's default, or a stricter one a caller set (never None or higher here)."""
+    return min(Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_PIXELS, DEFAULT_MAX_PIXELS)
 
 
 def _bomb(path, pixels: int) -> ImgloraError:
