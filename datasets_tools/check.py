@@ -24,7 +24,7 @@ from imglora.data.images import EXTENSION_FORMATS, ImageInfo, has_alpha, open_fi
 from imglora.data.scan import inspect_image, parallel_map
 from imglora.errors import ImgloraError
 
-ODD_MODES = {"CMYK": "CMYK colours", "LA": "grey with alpha", "La": "grey with alpha", "PA": "palette with alpha",
+ODD_MODES = {"CMYK": "CMYK", "LA": "grey with alpha", "La": "grey with alpha", "PA": "palette with alpha",
              "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer",
              "F": "32-bit float", "YCbCr": "YCbCr", "RGBa": "premultiplied alpha"}
 CONVERT_FIX = "imglora converts it when loading; `imglora-data resize` writes a plain RGB copy"
@@ -216,9 +216,10 @@ def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, f
             continue
         n, exact = count_tokens(add_prefix(text, trigger), tokenizer)
         if n > max_tokens:
-            count = f"{n} CLIP tokens" if exact else f"at least {n} CLIP tokens, estimated (--tokenizer counts)"
+            count = f"{n} CLIP tokens" if exact else f"at least {n} CLIP tokens by estimate"
             out.append(Finding(str(where), f"caption too long ({count}; {max_tokens} are read)",
-                               "shorten it; the rest is cut off", "caption"))
+                               "shorten it; the rest is cut off" + ("" if exact else " (--tokenizer MODEL counts "
+                                                                                  "exactly)"), "caption"))
     return out
 
 

@@ -64,7 +64,7 @@ def planted(tmp_path):
     put("bomb.png", b"", "decompression bomb (196 MP)")
     Image.new("1", (14000, 14000)).save(d / "bomb.png")
     put("big.png", _header_only_png(10000, 10000), "decompression bomb (100 MP)")
-    put("cmyk.jpg", Image.new("CMYK", (96, 96), (0, 200, 200, 0)), "CMYK colours")
+    put("cmyk.jpg", Image.new("CMYK", (96, 96), (0, 200, 200, 0)), "CMYK image")
     p = shape("blue", seed=7).convert("P")
     put("palette.png", p, "palette with transparency", transparency=0)
     put("la.png", shape("green", seed=8).convert("LA"), "grey with alpha")
@@ -89,7 +89,7 @@ def planted(tmp_path):
     (d / "latin1.txt").write_bytes("un caf\xe9".encode("latin-1"))
     expect["latin1.txt"] = "caption is not UTF-8"
     put("long.png", shape("blue", seed=17), caption=", ".join(f"tag{i} word" for i in range(60)))
-    expect["long.txt"] = "caption too long (at least 291 CLIP tokens, estimated"
+    expect["long.txt"] = "caption too long (at least 291 CLIP tokens by estimate; 77 are read)"
     (d / "orphan.txt").write_text("an orphan")
     expect["orphan.txt"] = "caption without an image"
     (d / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
@@ -239,11 +239,11 @@ def test_caption_length_estimate_and_exact_count_with_a_tokenizer(tmp_path):
     shape(seed=1).save(d / "b.png")
     (d / "b.txt").write_text("zqxjkv " * 20)  # 22 pieces, but out of vocabulary: each letter is a token
     est = {Path(f.path).name: f.reason for f in check_folder(d, progress=False).findings}
-    assert est == {"a.txt": "caption too long (at least 80 CLIP tokens, estimated (--tokenizer counts); 77 are read)"}
+    assert est == {"a.txt": "caption too long (at least 80 CLIP tokens by estimate; 77 are read)"}
     from datasets_tools.check import load_tokenizer
 
     for folder in (tok_dir, tmp_path / "model"):  # a tokenizer folder, or a model folder holding tokenizer/
         exact = {Path(f.path).name: f.reason for f in check_folder(d, tokenizer=load_tokenizer(folder),
                                                                    progress=False).findings}
         assert exact["a.txt"] == "caption too long (80 CLIP tokens; 77 are read)"
-        assert exact["b.txt"].startswith("caption too long (") and "estimated" not in exact["b.txt"]
+        assert exact["b.txt"].startswith("caption too long (") and "estimate" not in exact["b.txt"]
