@@ -145,7 +145,7 @@ def accuracy(net: JudgeNet, pixels: torch.Tensor, y: dict[str, torch.Tensor], ge
     return {k: right[k] / len(pixels) for k in y}
 
 
-def train_judge(out: str | Path, seed: int = 0, images: int = 24_000, steps: int = 2500, batch: int = 64,
+def train_judge(out: str | Path, seed: int = 0, images: int = 24_000, steps: int = 2000, batch: int = 64,
                 lr: float = 3e-3, threads: int = 2, log=print) -> dict:
     """Train on fresh renders with artefacts, check on held-out renders (another seed), save to `out`."""
     from safetensors.torch import save_file
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=24_000, help="training renders")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     train_judge(a.out, seed=a.seed, images=a.images, steps=a.steps, threads=a.threads)
