@@ -142,6 +142,7 @@ class LatentCache:
         self.vae, self.disk_dir, self.vae_id = vae, disk_dir, vae_id
         self.memory: dict[tuple[Path, tuple, bool], tuple] = {}
         self.reused = 0
+        self.broken: dict[Path, str] = {}  # images that failed to load after the scan
 
     def _key(self, example: Example, flip: bool) -> str:
         h = hashlib.sha256(example.path.read_bytes())
@@ -178,7 +179,16 @@ class LatentCache:
             self._encode(pending)
 
     def _encode(self, pending):
-        prepared = [pixels(e, "center", f, random.Random(0)) for e, f in pending]
+        prepared, ok = [], []
+        for e, f in pending:
+            try:
+                prepared.append(pixels(e, "center", f, random.Random(0)))
+                ok.append((e, f))
+            except ImgloraError as err:  # it passed the scan but broke since (RELIABILITY.md I8)
+                self.broken[e.path] = err.what
+        pending = ok
+        if not pending:
+            return
         mean, std = encode_images(self.vae, torch.stack([p[0] for p in prepared]))
         for (e, f), (_, original, crop), m, s in zip(pending, prepared, mean, std):
             # Kept in host memory: a large dataset's latents need not fit on the GPU.

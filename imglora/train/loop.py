@@ -150,6 +150,17 @@ class Trainer:
         self.fixed_captions = not cfg.shuffle_captions and not cfg.train_text_encoder
         self._epoch_cache: dict[int, list[list[int]]] = {}
 
+    def _drop(self, broken: dict) -> None:
+        """Leave out images that broke after the scan, with a warning, and recount the epoch."""
+        for path, reason in broken.items():
+            self.say(f"warning: skipped {path}: {reason} (it changed after the scan)")
+        self.data.examples = [e for e in self.data.examples if e.path not in broken]
+        self.data.val = [e for e in self.data.val if e.path not in broken]
+        if not self.data.examples:
+            raise ImgloraError("no usable training images left", "see the skipped files above", path=self.cfg.data)
+        self.batches_per_epoch = len(self.data.epoch_batches(0, self.cfg.seed, self.cfg.batch_size))
+        self._epoch_cache = {}
+
     # -- Adapters -------------------------------------------------------------------------------
     def _make_adapter(self):
         cfg = self.cfg
@@ -175,6 +186,8 @@ class Trainer:
             self.latents = LatentCache(self.pipe.vae, disk, vae_fingerprint(self.pipe.vae))
             flips = (False, True) if cfg.flip else (False,)
             self.latents.fill(self.data.examples + self.data.val, flips, progress=self.main)
+            if self.latents.broken:
+                self._drop(self.latents.broken)
             if self.latents.reused:
                 self.say(f"reused {self.latents.reused} cached latents from {disk}")
         self.text_cache: dict[str, tuple] | None = None
@@ -236,7 +249,16 @@ class Trainer:
             std = torch.stack([x[1] for x in entries])
             originals, crops = [x[2] for x in entries], [x[3] for x in entries]
         else:
-            prepared = [pixels(e, cfg.crop, f, rng) for e, f in zip(examples, flips)]
+            good = []
+            for e, f, c in zip(examples, flips, captions):
+                try:
+                    good.append((e, c, pixels(e, cfg.crop, f, rng)))
+                except ImgloraError as err:  # broke after the scan: this batch goes on without it
+                    self.say(f"warning: skipped {e.path}: {err.what} (it changed after the scan)")
+            if not good:
+                raise ImgloraError("every image of a batch became unreadable during training",
+                                   "check the data folder and resume", path=cfg.data)
+            examples, captions, prepared = ([item[i] for item in good] for i in range(3))
             mean, std = encode_images(self.pipe.vae, torch.stack([p[0] for p in prepared]))
             originals, crops = [p[1] for p in prepared], [p[2] for p in prepared]
         latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)

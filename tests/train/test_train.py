@@ -263,3 +263,18 @@ def test_training_options_work_together(model_dir, shapes, tmp_path):
     assert len(vals) == 3 and all(v > 0 for v in vals)  # steps 3, 6 and the end
     meta = json.loads((out / "lora.json").read_text())
     assert meta["gradient_checkpointing"] and meta["grad_accum"] == 2
+
+
+def test_an_image_that_breaks_after_the_scan_is_skipped(model_dir, tmp_path, capsys):
+    from imglora.config import TrainConfig
+    from imglora.train.loop import Trainer
+
+    data = tmp_path / "d"
+    synth_shapes(data, 4, seed=5, size=32)
+    cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "o"), steps=3, resolution=32,
+                      bucket_step=16, rank=2, batch_size=4, cache_latents="none", workers=1)
+    trainer = Trainer(cfg)  # the scan has passed every image
+    (data / "00001.png").write_bytes(b"garbage")
+    assert trainer.run().is_file()
+    out = capsys.readouterr().out
+    assert "warning: skipped" in out and "00001.png" in out and "changed after the scan" in out
