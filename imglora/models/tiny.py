@@ -29,11 +29,11 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_clip_tokenizer(directory: str | os.PathLike, words: list[str] = ()) -> Path:
+def write_clip_tokenizer(directory: str | os.PathLike, words: list[str] = (), max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer.
 
     Every byte is a token, so any text tokenizes; each word in `words` gets merges that make it a
-    single token.
+    single token. `max_length` is the padded prompt length pipelines use (77 in real CLIP models).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def write_clip_tokenizer(directory: str | os.PathLike, words: list[str] = ()) ->
         vocab[special] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
+    config = {"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
               "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
               "unk_token": "<|endoftext|>"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
