@@ -1,7 +1,7 @@
 """Does LoRA learn? Teach the embedded model a new shape and let the judge count, over rank, target preset,
 text-encoder training and full fine-tuning (the LoRA paper's claims, checked on our own model).
 
-    python -m benchmarks.quality [--quick] [--out quality.json]
+    python -m benchmarks.quality [--quick] [--jobs 2] [--out quality.json]
 
 Each row trains on the same synthetic concept data (a star captioned 'zorbly', all colours), then
 renders trigger-word prompts in every colour and the base vocabulary before and after.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -57,7 +58,8 @@ def evaluate(pipe, adapters, blend_name: str | None, seeds: int) -> dict:
     return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}
 
 
-def run_one(data: Path, out: Path, seeds: int, full: bool = False, **overrides) -> dict:
+def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int = 1, **overrides) -> dict:
+    torch.set_num_threads(threads)
     cfg = TrainConfig(data=str(data), output=str(out), name=WORD, overwrite=True, **{**RECIPE, **overrides})
     cfg.check()
     t0 = time.perf_counter()
@@ -80,6 +82,12 @@ def run_one(data: Path, out: Path, seeds: int, full: bool = False, **overrides) 
         result = evaluate(trainer.pipe, trainer.adapters, NAME, seeds)
     return {**overrides, "full_finetune": full, "trainable_params": n_params, "train_seconds": seconds, **result,
             "base_change": result["base_after"] - result["base_before"]}
+
+
+def _run_job(job) -> dict:
+    data, out, seeds, full, threads, overrides = job
+    return run_one(data, out, seeds, full=full, threads=threads,
+                   reg_data=str(data.parent / "regularisation"), **overrides)
 
 
 def _pipe_eval(pipe, seeds: int) -> tuple[float, float]:
@@ -113,23 +121,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only the demo recipe")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each; train_seconds are per run)")
     p.add_argument("--out", default="quality.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="imglora-quality-"))
     data = work / "data"
     synth_shapes(data, 60, seed=0, size=64, shapes=(SHAPE,), words={SHAPE: WORD})
+    synth_shapes(work / "regularisation", 60, seed=1, size=64)  # as the demo does
     grid = [{}]
     if not args.quick:
         grid += [{"rank": r} for r in (1, 4, 16)]
         grid += [{"targets": t, "train_text_encoder": te} for t in ("cross-attn", "attn", "transformer")
                  for te in (False, True)]
-    rows = []
-    for i, overrides in enumerate(grid):
-        rows.append(run_one(data, work / f"run{i}", args.seeds, **overrides))
-        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    jobs = [(data, work / f"run{i}", args.seeds, False, 1, o) for i, o in enumerate(grid)]
     if not args.quick:
-        rows.append(run_one(data, work / "full", args.seeds, full=True, lr=1e-4, train_text_encoder=False))
+        jobs.append((data, work / "full", args.seeds, True, 1, dict(lr=1e-4, train_text_encoder=False)))
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        rows = []
+        for row in pool.imap(_run_job, jobs):
+            rows.append(row)
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print(table(rows))
     return 0
