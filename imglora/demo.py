@@ -67,7 +67,7 @@ def score(judge, rendered, shape: str | None) -> tuple[float, float]:
 
 
 def run_demo(output: str = "imglora-demo", shape: str = "star", word: str = "zorbly", seed: int = 0,
-             n_images: int = 60, seeds: int = 4, steps: int | None = None, overwrite: bool = True,
+             n_images: int = 60, seeds: int = 2, steps: int | None = None, overwrite: bool = True,
              log=print, **overrides) -> dict:
     from .models.judge import load_judge
 
