@@ -3,7 +3,7 @@ text-encoder training and full fine-tuning (the LoRA paper's claims, checked on 
 
     python -m benchmarks.quality [--quick] [--jobs 2] [--out quality.json]
 
-Each row trains on the same synthetic concept data (a star captioned 'zorbly', all colours), then
+Each row trains on the same synthetic concept data (a heart captioned 'zorbly', all colours), then
 renders trigger-word prompts in every colour and the base vocabulary before and after.
 """
 
@@ -21,11 +21,9 @@ import torch
 
 from imglora.config import TrainConfig
 from imglora.data.synth import synth_shapes
-from imglora.demo import RECIPE, base_prompts, concept_prompts, render_before_after, score
+from imglora.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, render_before_after, score
 from imglora.lora.adapters import Adapters
 from imglora.train.loop import NAME, Trainer
-
-SHAPE, WORD = "star", "zorbly"
 
 
 class FullFinetune(Trainer):
@@ -108,7 +106,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| setup | trainable params | train s | concept before → after | base before → after |",
              "|---|---|---|---|---|"]
     for r in rows:
-        setup = "full fine-tune (UNet)" if r["full_finetune"] else \
+        setup = f"full fine-tune (UNet, lr {r['lr']:g})" if r["full_finetune"] else \
             f"rank {r.get('rank', RECIPE['rank'])}, {r.get('targets', RECIPE['targets'])}" + \
             (" + TE" if r.get("train_text_encoder", RECIPE["train_text_encoder"]) else "")
         lines.append(f"| {setup} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
@@ -131,12 +129,14 @@ def main(argv=None) -> int:
     synth_shapes(work / "regularisation", 60, seed=1, size=64)  # as the demo does
     grid = [{}]
     if not args.quick:
-        grid += [{"rank": r} for r in (1, 4, 16)]
+        grid += [{"rank": r} for r in (1, 4, 16) if r != RECIPE["rank"]]  # the recipe is the first row
         grid += [{"targets": t, "train_text_encoder": te} for t in ("cross-attn", "attn", "transformer")
                  for te in (False, True)]
     jobs = [(data, work / f"run{i}", args.seeds, False, 1, o) for i, o in enumerate(grid)]
     if not args.quick:
-        jobs.append((data, work / "full", args.seeds, True, 1, dict(lr=1e-4, train_text_encoder=False)))
+        # 3e-4: at 1e-3 the full fine-tune learned as much but lost 23 points on base prompts; at 1e-4
+        # it had not moved after 600 steps.
+        jobs.append((data, work / "full", args.seeds, True, 1, dict(lr=3e-4, train_text_encoder=False)))
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         rows = []
         for row in pool.imap(_run_job, jobs):

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=40, help="training steps per run (training suite)")
     p.add_argument("--diffusers-script", help="diffusers' examples/text_to_image/train_text_to_image_lora.py")
+    p.add_argument("--ours-python", help="the Python of a venv with only imglora's own requirements (no peft, "
+                   "torchao or datasets, which diffusers imports at start-up when they are installed); "
+                   "default: this one, shared with the script")
     p.add_argument("--no-peft", action="store_true", help="skip the diffusers+peft inference comparison")
     p.add_argument("--out", default="benchmark-results.json")
     args = p.parse_args(argv)

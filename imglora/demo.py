@@ -26,6 +26,10 @@ from .train.loop import train
 # adapters left the new shape at 0% by the judge, conv at rank 16 reached 25% (README).
 RECIPE = dict(rank=16, targets="conv", train_text_encoder=True, lr=4e-3, text_encoder_lr=1e-3, steps=600,
               batch_size=16, lr_scheduler="cosine", warmup_steps=20)
+# The concept: a shape the base model never saw, under a made-up word. The heart: the VAE reconstructs
+# it exactly (the judge names 100% of reconstructions), while the star's thin points blur into a
+# diamond in 8x8 latents (81%), which capped what any adapter could reach.
+SHAPE, WORD = "heart", "zorbly"
 
 
 @dataclass
@@ -66,9 +70,9 @@ def score(judge, rendered, shape: str | None) -> tuple[float, float]:
                                                                               labels, shape)
 
 
-def run_demo(output: str = "imglora-demo", shape: str = "star", word: str = "zorbly", seed: int = 0,
-             n_images: int = 60, seeds: int = 2, steps: int | None = None, overwrite: bool = True,
-             log=print, **overrides) -> dict:
+def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD, seed: int = 0,
+             n_images: int = 60, reg_images: int | None = None, seeds: int = 4, steps: int | None = None,
+             overwrite: bool = True, log=print, **overrides) -> dict:
     from .models.judge import load_judge
 
     t0 = time.perf_counter()
@@ -80,8 +84,9 @@ def run_demo(output: str = "imglora-demo", shape: str = "star", word: str = "zor
     # Prior preservation: renders of the shapes the model already knows keep base prompts as they were
     # while the trigger word learns the new one.
     if not reg.is_dir():
-        synth_shapes(reg, n_images, seed=seed + 1, size=64)
-    log(f"dataset: {n_images} images of a {shape} captioned '{word}' in {data}, {n_images} of known shapes in {reg}")
+        synth_shapes(reg, reg_images or n_images, seed=seed + 1, size=64)
+    log(f"dataset: {n_images} images of a {shape} captioned '{word}' in {data}, "
+        f"{reg_images or n_images} of known shapes in {reg}")
     cfg = TrainConfig(data=str(data), output=str(out), name=word, seed=seed, overwrite=overwrite,
                       sample_prompts=[f"a red {word} on a white background", "a blue circle on a white background"],
                       reg_data=str(reg), **{**RECIPE, **({"steps": steps} if steps else {}), **overrides})

@@ -98,7 +98,8 @@ def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = 
 
     w, h = images[0].size
     strip = 14 if labels else 0
-    left = 70 if row_labels else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = int(max((measure.textlength(t) for t in row_labels), default=0)) + 6 if row_labels else 0
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (left + cols * w, rows * (h + strip)), "white")
     draw = ImageDraw.Draw(grid)
@@ -108,5 +109,5 @@ def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = 
         if labels:
             draw.text((x + 2, y + h + 1), labels[i][: max(8, w // 5)], fill="black")
     for r, text in enumerate(row_labels or []):
-        draw.text((2, r * (h + strip) + h // 2 - 5), text[:11], fill="black")
+        draw.text((2, r * (h + strip) + h // 2 - 5), text, fill="black")
     return grid

@@ -84,6 +84,7 @@ def _quiet_loading() -> None:
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()  # e.g. advice on `.to(dtype)` that our casts already follow
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 

@@ -56,7 +56,7 @@ def render_samples(pipe, adapters, name: str, prompts: list[str], folder: Path, 
                      parameters_text(pipe, args, seed, {name: w}), overwrite=True)
             images.append(image)
             labels.append(f"w={w:g}")
-    grid = image_grid(images, cols=len(weights), labels=labels, row_labels=[p[:11] for p in prompts])
+    grid = image_grid(images, cols=len(weights), labels=labels, row_labels=[p[:40] for p in prompts])
     grid_path = folder / f"step-{step:07d}.png"
     save_png(grid, grid_path, "\n".join(prompts), overwrite=True)
     return grid_path
