@@ -7,6 +7,7 @@ Errors in the user's input surface as one line `imglora: FILE: what — what to 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -225,5 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("imglora", args.func, args)
 
 
+def entry() -> None:
+    """The `imglora` program: main(), then an exit that skips the cyclic garbage collection of
+    interpreter shutdown. With torch, diffusers and transformers loaded that collection takes over a
+    second (measured 1.37 s of a 9 s training run) and frees nothing anyone sees. Finalizers, atexit
+    handlers and open files still close as usual; only cycle detection is off from here on."""
+    code = main()
+    gc.disable()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
