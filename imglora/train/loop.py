@@ -161,6 +161,14 @@ class Trainer:
         self.batches_per_epoch = len(self.data.epoch_batches(0, self.cfg.seed, self.cfg.batch_size))
         self._epoch_cache = {}
 
+    def _drawn(self) -> list:
+        """The examples this run will draw: all of them, unless it ends within its first epoch (a short
+        run on a large folder then encodes only the images it uses)."""
+        micro = self.total_steps * self.cfg.grad_accum * self.world
+        if micro >= self.batches_per_epoch:
+            return self.data.examples
+        return [self.data.examples[i] for i in sorted({i for g in range(micro) for i in self._batch_indices(g)})]
+
     # -- Adapters -------------------------------------------------------------------------------
     def _make_adapter(self):
         cfg = self.cfg
@@ -185,9 +193,12 @@ class Trainer:
                 disk.mkdir(parents=True, exist_ok=True)
             self.latents = LatentCache(self.pipe.vae, disk, vae_fingerprint(self.pipe.vae))
             flips = (False, True) if cfg.flip else (False,)
-            self.latents.fill(self.data.examples + self.data.val, flips, progress=self.main)
-            if self.latents.broken:
+            while True:  # an image that broke since the scan is dropped, which reshuffles the batches
+                self.latents.fill(self._drawn() + self.data.val, flips, progress=self.main)
+                if not self.latents.broken:
+                    break
                 self._drop(self.latents.broken)
+                self.latents.broken = {}
             if self.latents.reused:
                 self.say(f"reused {self.latents.reused} cached latents from {disk}")
         self.text_cache: dict[str, tuple] | None = None

@@ -278,3 +278,17 @@ def test_an_image_that_breaks_after_the_scan_is_skipped(model_dir, tmp_path, cap
     assert trainer.run().is_file()
     out = capsys.readouterr().out
     assert "warning: skipped" in out and "00001.png" in out and "changed after the scan" in out
+
+
+def test_a_run_shorter_than_an_epoch_encodes_only_the_images_it_draws(model_dir, tmp_path):
+    from imglora.config import TrainConfig
+    from imglora.train.loop import Trainer
+
+    data = tmp_path / "d"
+    synth_shapes(data, 12, seed=5, size=32)
+    cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "o"), steps=2, resolution=32,
+                      bucket_step=16, rank=2, batch_size=2, workers=1)
+    trainer = Trainer(cfg)
+    drawn = {trainer.data.examples[i].path for g in range(2) for i in trainer._batch_indices(g)}
+    assert len(drawn) == 4 and {key[0] for key in trainer.latents.memory} == drawn
+    assert trainer.run().is_file()  # every step found its latents
