@@ -21,6 +21,19 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+def trim_heap() -> None:
+    """Hand glibc's free lists back to the OS, so that RSS counts memory held, not memory the allocator
+    keeps for reuse after the UNet's large temporaries (without this, RSS after 50 cycles read +3.9%
+    on CPU while 200 further cycles added nothing)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -124,7 +137,10 @@ def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(1, 2
     # Memory: load, switch weights and unload adapters many times; RSS (or CUDA memory) must stay flat.
     def memory():
         gc.collect()
-        return torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else rss_mb()
+        if device.type == "cuda":
+            return torch.cuda.memory_allocated() / 2 ** 20
+        trim_heap()
+        return rss_mb()
 
     for _ in range(3):
         _cycle(ours, adapters[:2], dtype)
