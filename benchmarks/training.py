@@ -60,8 +60,8 @@ def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
 
 
 def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
-    cmd = [args.ours_python or sys.executable, "-m", "imglora.cli", "train", "--data", str(data), "--output", str(out), "--steps",
-           str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
+    cmd = [args.ours_python or sys.executable, "-m", "imglora.cli", "train", "--data", str(data), "--output", str(out),
+           "--steps", str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
            str(rank), "--lr", "1e-4", "--targets", "attn", "--seed", "0", "--overwrite", "--save-precision", "fp32",
            "--bucket-step", str(min(64, size)), "--mixed-precision", {"fp32": "no"}.get(args.dtype, args.dtype)]
     if model:
