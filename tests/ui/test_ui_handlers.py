@@ -75,7 +75,12 @@ def test_a_grid_is_one_batch_equal_to_single_generations(session, expected):
     for (image, label), (a, b) in zip(cells, [(0, -1), (1, -1), (0, 1), (1, 1)]):
         assert label == f"style_a {a}, style_b {b}"
         assert same_image(image, expected({"style_a": a, "style_b": b}, seed=3))
-    assert Image.open(grid).size == (70 + 2 * 32, 2 * (32 + 14))  # labelled: caption strips and row labels
+    # Labelled: a caption strip under each image, and a column wide enough for the longest row label.
+    from PIL import ImageDraw
+
+    width, height = Image.open(grid).size
+    label_width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("style_b -1")
+    assert height == 2 * (32 + 14) and 2 * 32 + label_width < width < 2 * 32 + label_width + 20
     assert "Grid: X: style_a 0, 1; Y: style_b -1, 1" in Image.open(grid).text["parameters"]
 
 
