@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--ours-python", help="the Python of a venv with only imglora's own requirements (no peft, "
                    "torchao or datasets, which diffusers imports at start-up when they are installed); "
                    "default: this one, shared with the script")
+    p.add_argument("--quantize-base", choices=["int8", "fp8"], help="ours with the frozen UNet quantized (torchao)")
     p.add_argument("--no-peft", action="store_true", help="skip the diffusers+peft inference comparison")
     p.add_argument("--out", default="benchmark-results.json")
     args = p.parse_args(argv)

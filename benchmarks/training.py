@@ -64,6 +64,8 @@ def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
            "--steps", str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
            str(rank), "--lr", "1e-4", "--targets", "attn", "--seed", "0", "--overwrite", "--save-precision", "fp32",
            "--bucket-step", str(min(64, size)), "--mixed-precision", {"fp32": "no"}.get(args.dtype, args.dtype)]
+    if args.quantize_base:
+        cmd += ["--quantize-base", args.quantize_base]
     if model:
         cmd += ["--model", str(model)]
     if args.device == "cuda":
