@@ -142,7 +142,7 @@ class LatentCache:
         self.vae, self.disk_dir, self.vae_id = vae, disk_dir, vae_id
         self.memory: dict[tuple[Path, tuple, bool], tuple] = {}
         self.reused = 0
-        self.broken: dict[Path, str] = {}  # images that failed to load after the scan
+        self.broken: dict[Path, str] = {}  # images that failed to load (after the scan) in the last fill
 
     def _key(self, example: Example, flip: bool) -> str:
         h = hashlib.sha256(example.path.read_bytes())
@@ -150,6 +150,7 @@ class LatentCache:
         return h.hexdigest()[:32]
 
     def fill(self, examples: list[Example], flips: tuple[bool, ...], batch: int = 8, progress: bool = True) -> None:
+        self.broken = {}
         # Sorted by bucket so that each encoded batch has one image size.
         todo = sorted({(e.path, e.bucket, f) for e in examples for f in flips} - set(self.memory),
                       key=lambda k: (k[1], str(k[0]), k[2]))

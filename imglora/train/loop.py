@@ -198,7 +198,6 @@ class Trainer:
                 if not self.latents.broken:
                     break
                 self._drop(self.latents.broken)
-                self.latents.broken = {}
             if self.latents.reused:
                 self.say(f"reused {self.latents.reused} cached latents from {disk}")
         self.text_cache: dict[str, tuple] | None = None
