@@ -292,3 +292,25 @@ def test_a_run_shorter_than_an_epoch_encodes_only_the_images_it_draws(model_dir,
     drawn = {trainer.data.examples[i].path for g in range(2) for i in trainer._batch_indices(g)}
     assert len(drawn) == 4 and {key[0] for key in trainer.latents.memory} == drawn
     assert trainer.run().is_file()  # every step found its latents
+
+
+def test_an_image_that_breaks_before_caching_is_dropped_and_the_run_goes_on(model_dir, tmp_path, monkeypatch, capsys):
+    import imglora.train.loop as loop
+    from imglora.config import TrainConfig
+
+    data = tmp_path / "d"
+    synth_shapes(data, 12, seed=5, size=32)
+    scan = loop.build_data
+
+    def scan_then_break(*args, **kwargs):  # the image passes the scan, then breaks before it is encoded
+        found = scan(*args, **kwargs)
+        (data / "00003.png").write_bytes(b"garbage")
+        return found
+
+    monkeypatch.setattr(loop, "build_data", scan_then_break)
+    cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "o"), steps=20, resolution=32,
+                      bucket_step=16, rank=2, batch_size=2, workers=1)
+    trainer = loop.Trainer(cfg)
+    assert len(trainer.data.examples) == 11 and not any(p.name == "00003.png" for p, *_ in trainer.latents.memory)
+    assert trainer.run().is_file()
+    assert "00003.png" in capsys.readouterr().out
