@@ -2,6 +2,8 @@
 
     python -m benchmarks.run --suite inference --model sd15 --size 256
     python -m benchmarks.run --suite training --model tiny --diffusers-script PATH
+    python -m benchmarks.run --suite training --model sd15 --steps 10 --variants no-cache,checkpointing,int8
+    python -m benchmarks.run --suite scaling --model tiny --size 128
     python -m benchmarks.run --suite all --device cuda --model sd15 --size 512 --dtype bf16
 
 Ratios are measured in the same run, alternating the configurations, medians of >= 3 repetitions.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("inference", "training", "data")
+SUITES = ("inference", "training", "scaling", "data")
 
 
 def model_path(name: str) -> str | None:
@@ -57,10 +59,20 @@ def main(argv=None) -> int:
     p.add_argument("--ours-python", help="the Python of a venv with only imglora's own requirements (no peft, "
                    "torchao or datasets, which diffusers imports at start-up when they are installed); "
                    "default: this one, shared with the script")
-    p.add_argument("--quantize-base", choices=["int8", "fp8"], help="ours with the frozen UNet quantized (torchao)")
+    p.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                   help="also run ours with: no-cache (encode every step), checkpointing, int8, fp8 (comma-separated)")
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--scale-sizes", type=ints, default=[], help="scaling suite: sizes at --batch (default: "
+                   "half, once and twice --size)")
+    p.add_argument("--scale-batches", type=ints, default=[1, 2, 4, 8], help="scaling suite: batches at --size")
     p.add_argument("--no-peft", action="store_true", help="skip the diffusers+peft inference comparison")
     p.add_argument("--out", default="benchmark-results.json")
     args = p.parse_args(argv)
+    from .training import VARIANTS
+
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+    args.scale_sizes = args.scale_sizes or [args.size // 2, args.size, args.size * 2]
     suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -81,6 +93,10 @@ def main(argv=None) -> int:
         from .training import bench_training
 
         results["training"] = bench_training(path, args)
+    if "scaling" in suites:
+        from .training import bench_scaling
+
+        results["scaling"] = bench_scaling(path, args)
     if "data" in suites:
         from .data import bench_data
 

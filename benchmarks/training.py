@@ -59,13 +59,21 @@ def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
     return {"wall_s": wall, "step_s": step, **{k: v for k, v in peak.items() if k != "step_times"}}
 
 
-def ours_cmd(model, data, out, steps, batch, size, rank, args) -> list[str]:
+# Our trainer's other configurations, each run beside the default (latents and text cached) in the same pairs.
+VARIANTS = {
+    "no-cache": ["--cache-latents", "none", "--no-cache-text"],  # encode every step, as the script does
+    "checkpointing": ["--gradient-checkpointing"],
+    "int8": ["--quantize-base", "int8"],
+    "fp8": ["--quantize-base", "fp8"],
+}
+
+
+def ours_cmd(model, data, out, steps, batch, size, rank, args, extra=()) -> list[str]:
     cmd = [args.ours_python or sys.executable, "-m", "imglora.cli", "train", "--data", str(data), "--output", str(out),
            "--steps", str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
            str(rank), "--lr", "1e-4", "--targets", "attn", "--seed", "0", "--overwrite", "--save-precision", "fp32",
            "--bucket-step", str(min(64, size)), "--mixed-precision", {"fp32": "no"}.get(args.dtype, args.dtype)]
-    if args.quantize_base:
-        cmd += ["--quantize-base", args.quantize_base]
+    cmd += list(extra)
     if model:
         cmd += ["--model", str(model)]
     if args.device == "cuda":
@@ -120,7 +128,7 @@ def _torchvision_works() -> bool:
 
 
 def bench_training(model, args) -> dict:
-    """Whole-run wall time and memory vs the peer; steady-state step time (two run lengths) vs the limit."""
+    """Whole-run wall time and memory of ours, its variants and the peer; steady-state step time vs the limit."""
     work = Path(tempfile.mkdtemp(prefix="imglora-bench-"))
     n_images = max(16, args.batch * 4)
     ours_data, peer_data = make_data(work / "data", n_images, args.size)
@@ -130,24 +138,30 @@ def bench_training(model, args) -> dict:
 
         model_dir = default_model_path()
     rank = 4
-    pairs = {"ours": [], "peer": []}
-    for rep in range(args.reps):  # alternate: ours, peer, ours, peer...
-        pairs["ours"].append(run(ours_cmd(model_dir, ours_data, work / "o", args.steps, args.batch, args.size, rank,
-                                          args), {}))
-        if args.diffusers_script:
-            pairs["peer"].append(run(peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p", args.steps,
-                                              args.batch, args.size, rank, args), {}))
+    runs: dict[str, list] = {"ours": [], **{f"ours+{v}": [] for v in args.variants}, "peer": []}
+    for rep in range(args.reps):  # alternate: ours, its variants, peer, ours, ...
+        for who in runs:
+            if who == "peer":
+                if not args.diffusers_script:
+                    continue
+                cmd = peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p", args.steps, args.batch,
+                               args.size, rank, args)
+            else:
+                extra = VARIANTS[who.split("+")[1]] if "+" in who else ()
+                cmd = ours_cmd(model_dir, ours_data, work / "o", args.steps, args.batch, args.size, rank, args, extra)
+            runs[who].append(run(cmd, {}))
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s ({v[-1]['step_s'] * 1000:.1f} ms/step)"
-                                         for k, v in pairs.items() if v), file=sys.stderr)
+                                         for k, v in runs.items() if v), file=sys.stderr)
     out: dict = {"size": args.size, "batch": args.batch, "steps": args.steps, "rank": rank, "targets": "attn"}
-    for who, runs in pairs.items():
-        if not runs:
+    for who, rs in runs.items():
+        if not rs:
             continue
-        out[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
-        out[f"{who}_step_s"] = statistics.median(r["step_s"] for r in runs)
-        out[f"{who}_peak_rss_mb"] = statistics.median(r["maxrss_mb"] for r in runs)
-        if "cuda_max_allocated_mb" in runs[0]:
-            out[f"{who}_cuda_peak_mb"] = statistics.median(r["cuda_max_allocated_mb"] for r in runs)
+        out[f"{who}_wall_s"] = statistics.median(r["wall_s"] for r in rs)
+        out[f"{who}_step_s"] = statistics.median(r["step_s"] for r in rs)
+        out[f"{who}_peak_rss_mb"] = statistics.median(r["maxrss_mb"] for r in rs)
+        out[f"{who}_step_anon_mb"] = statistics.median(r["step_anon_mb"] for r in rs)
+        if "cuda_max_allocated_mb" in rs[0]:
+            out[f"{who}_cuda_peak_mb"] = statistics.median(r["cuda_max_allocated_mb"] for r in rs)
     if "peer_wall_s" in out:
         out["speedup_wall_x"] = out["peer_wall_s"] / out["ours_wall_s"]
         out["memory_ratio"] = out["ours_peak_rss_mb"] / out["peer_peak_rss_mb"]
@@ -163,4 +177,27 @@ def bench_training(model, args) -> dict:
         out["ours_tflops"] = flops / out["ours_step_s"] / 1e12
         if device.type == "cuda" and "H100" in torch.cuda.get_device_name():
             out["ours_fraction_of_989_tflops"] = out["ours_tflops"] / 989
+    return out
+
+
+def bench_scaling(model, args) -> dict:
+    """Our steady-state step time against resolution (at --batch) and against batch size (at --size)."""
+    work = Path(tempfile.mkdtemp(prefix="imglora-scale-"))
+    model_dir = model
+    if model is None:
+        from imglora.models.embedded import default_model_path
+
+        model_dir = default_model_path()
+    shapes = [(s, args.batch) for s in args.scale_sizes] + [(args.size, b) for b in args.scale_batches]
+    out: dict = {"steps": args.steps}
+    for size, batch in dict.fromkeys(shapes):  # in order, each shape once
+        data, _ = make_data(work / f"data{size}", max(16, batch * 4), size)
+        r = run(ours_cmd(model_dir, data, work / "o", args.steps, batch, size, 4, args), {})
+        key = f"{size}px_b{batch}"
+        out[f"{key}_step_s"] = r["step_s"]
+        out[f"{key}_images_per_s"] = batch / r["step_s"]
+        out[f"{key}_peak_rss_mb"] = r["maxrss_mb"]
+        if "cuda_max_allocated_mb" in r:
+            out[f"{key}_cuda_peak_mb"] = r["cuda_max_allocated_mb"]
+        print(f"{key}: {r['step_s'] * 1000:.0f} ms/step", file=sys.stderr)
     return out

@@ -32,6 +32,7 @@ from .data import LatentCache, TrainData, bucket_histogram, build_data, encode_i
     vae_fingerprint
 from .loss import diffusion_loss, encode_text, sdxl_time_ids
 from .optim import make_optimizer, make_schedule
+from .quantize import quantize_frozen
 from .samples import RunLog, render_samples, validation_loss
 
 NAME = "train"  # the adapter's name inside the pipeline; the file name is cfg.name
@@ -44,16 +45,6 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def step_seed(seed: int, index: int) -> int:
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
-
-
-def quantize_frozen(module, kind: str) -> None:
-    """Frozen Linear weights in int8 (or fp8) through torchao: less memory for the base, while the
-    adapters stay in float32 (QLoRA's idea; PERFORMANCE.md §4.8). Done before adapters are attached."""
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise ImgloraError(f"--quantize-base {kind} needs torchao", "pip install torchao") from None
-    quantize_(module, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
 
 
 class Interrupt:
