@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale-sizes", type=ints, default=[], help="scaling suite: sizes at --batch (default: "
                    "half, once and twice --size)")
     p.add_argument("--scale-batches", type=ints, default=[1, 2, 4, 8], help="scaling suite: batches at --size")
+    p.add_argument("--data-sizes", type=ints, default=[100, 1000, 10000], help="data suite: folder sizes")
     p.add_argument("--no-peft", action="store_true", help="skip the diffusers+peft inference comparison")
     p.add_argument("--out", default="benchmark-results.json")
     args = p.parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     if "data" in suites:
         from .data import bench_data
 
-        results["data"] = bench_data(args)
+        results["data"] = bench_data(path, args)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))
     return 0

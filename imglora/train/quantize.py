@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImgloraError
+from ..memory import trim_heap
 
 
 class _FrozenLinearFn(torch.autograd.Function):
@@ -50,4 +51,5 @@ def quantize_frozen(module: nn.Module, kind: str) -> int:
         if type(m) is nn.Linear and type(m.weight.data) is not torch.Tensor:
             m.__class__ = QuantizedLinear  # same parameters and keys, only the forward differs
             count += 1
+    trim_heap()  # the float32 weights just replaced and quantize_'s temporaries
     return count
