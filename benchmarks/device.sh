@@ -2,7 +2,7 @@
 # GPU benchmarks on a lent H100/H200 (the `device` tool runs this in a copy of the repo).
 # Carries: .whl (diffusers, datasets and what they need, for Python 3.12) and .peer (diffusers'
 # examples/text_to_image/train_text_to_image_lora*.py from a diffusers checkout; never committed).
-#   bash benchmarks/device.sh smoke|train|infer
+#   bash benchmarks/device.sh smoke|sd15|sdxl|infer
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -25,10 +25,16 @@ PY
         --dtype bf16 --device cuda --diffusers-script .peer/train_text_to_image_lora.py --out $OUT/smoke.json
     ;;
 sd15)
-    python3 -m benchmarks.run --suite training --model sd15 --size 512 --batch 8 --steps 40 --reps 2 \
-        --dtype bf16 --device cuda --diffusers-script .peer/train_text_to_image_lora.py --out $OUT/train-sd15.json
+    python3 -m benchmarks.run --suite training --model sd15 --size 512 --batch 8 --steps 60 --reps 2 \
+        --dtype bf16 --device cuda --variants compile,checkpointing,int8 \
+        --diffusers-script .peer/train_text_to_image_lora.py --out $OUT/train-sd15.json
     python3 -m benchmarks.run --suite inference --model sd15 --size 512 --batch 1 --reps 5 --dtype bf16 \
         --device cuda --out $OUT/infer-sd15.json
+    ;;
+sdxl)
+    python3 -m benchmarks.run --suite training --model sdxl --size 1024 --batch 1 --steps 30 --reps 2 \
+        --dtype bf16 --device cuda --variants checkpointing,int8 \
+        --diffusers-script .peer/train_text_to_image_lora_sdxl.py --out $OUT/train-sdxl.json
     ;;
 infer)
     python3 -m benchmarks.run --suite inference --model sd15 --size 512 --batch 1 --reps 5 --dtype bf16 \

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
                    "torchao or datasets, which diffusers imports at start-up when they are installed); "
                    "default: this one, shared with the script")
     p.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
-                   help="also run ours with: no-cache (encode every step), checkpointing, int8, fp8 (comma-separated)")
+                   help="also run ours with: no-cache (encode every step), checkpointing, compile, int8, fp8 "
+                   "(comma-separated)")
     ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     p.add_argument("--scale-sizes", type=ints, default=[], help="scaling suite: sizes at --batch (default: "
                    "half, once and twice --size)")

@@ -63,6 +63,7 @@ def run(cmd: list[str], env_extra: dict, timeout: int = 3600) -> dict:
 VARIANTS = {
     "no-cache": ["--cache-latents", "none", "--no-cache-text"],  # encode every step, as the script does
     "checkpointing": ["--gradient-checkpointing"],
+    "compile": ["--compile"],  # its steady state is the second half of the steps: give it enough of them
     "int8": ["--quantize-base", "int8"],
     "fp8": ["--quantize-base", "fp8"],
 }

@@ -219,6 +219,8 @@ class Trainer:
         # DDP wraps the UNet (the LoraLayers inside are the same objects). The text encoders run inside
         # the pipeline's encode_prompt, not through a wrapper, so their adapter gradients are averaged
         # by hand (see train_step).
+        if cfg.compile:  # in place, after the adapters are attached: the graphs include them
+            self.pipe.unet.compile()
         unet, self.optimizer = self.acc.prepare(self.pipe.unet, self.optimizer)
         self.models = [unet]
         self.step = 0

@@ -111,3 +111,18 @@ def test_int8_base_trains_a_float32_adapter(make_pipe, shapes, tmp_path):
     tensors = load_file(out / "lora.safetensors")
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k)  # B moved off zero
+
+
+def test_compiled_unet_trains_the_same_adapter(make_pipe, shapes, tmp_path):
+    """--compile (torch.compile, inductor) changes how the UNet runs, not what it computes."""
+    model = _model(make_pipe, "sd1", tmp_path)
+    files = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        assert main(["train", "--model", str(model), "--data", str(shapes), "--output", str(out), "--steps", "3",
+                     flag, *FAST]) == 0
+        files[flag] = load_file(out / "lora.safetensors")
+    assert files["--compile"].keys() == files["--no-compile"].keys()
+    for key, eager in files["--no-compile"].items():
+        torch.testing.assert_close(files["--compile"][key], eager, rtol=1e-4, atol=1e-6)
+    assert any(t.abs().sum() > 0 for k, t in files["--compile"].items() if "lora_up" in k)
