@@ -104,17 +104,23 @@ def limit_seconds(model, size: int, batch: int, device, dtype, reps: int = 3) ->
     x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype, requires_grad=True)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size/crop conditioning
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                      "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch,
+                                                               device=device, dtype=dtype)}
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        unet(x, t, ctx).sample.float().square().mean().backward()
+        unet(x, t, ctx, **extra).sample.float().square().mean().backward()
     flops = counter.get_total_flops()
     times = []
     for i in range(reps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        unet(x, t, ctx).sample.float().square().mean().backward()
+        unet(x, t, ctx, **extra).sample.float().square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:

@@ -23,6 +23,7 @@ torchvision = types.ModuleType("torchvision")
 torchvision.transforms = tv_transforms
 sys.modules["torchvision"] = torchvision
 sys.modules["torchvision.transforms"] = tv_transforms
+sys.modules["torchvision.transforms.functional"] = tv_transforms  # for its crop()
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

@@ -89,3 +89,8 @@ class Normalize:
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
         return (t - mean) / std
+
+
+def crop(img, top, left, height, width):
+    """torchvision.transforms.functional.crop (the SDXL script imports it)."""
+    return img.crop((left, top, left + width, top + height))
