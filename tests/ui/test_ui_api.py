@@ -1,13 +1,11 @@
 """The running app through its HTTP API (gradio_client and raw requests), as another program would use it."""
 
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
-from ui_helpers import SETTINGS, in_folder, same_image
+from ui_helpers import SETTINGS, http_status, in_folder, same_image
 
 # Adapter names that must never reach a file (RELIABILITY.md U2, the CVE-2024-47868 pattern).
 PAYLOADS = [
@@ -97,10 +95,10 @@ def test_paths_and_other_files_are_refused_without_reading_anything(client, ui_f
 
 def test_gradio_file_route_serves_only_its_cache(app_url, client, ui_files, session):
     image, _ = generate(client)
-    assert _status(f"{app_url}gradio_api/file={image}") == 200  # the gallery's own copy
+    assert http_status(f"{app_url}gradio_api/file={image}") == 200  # the gallery's own copy
     for path in ["/etc/passwd", ui_files["adapters"] / "style_a.safetensors", ui_files["model"] / "model_index.json",
                  ui_files["outside"] / "secret.safetensors", "/tmp/gradio/../../etc/passwd", "..%2f..%2fetc%2fpasswd"]:
-        assert _status(f"{app_url}gradio_api/file={path}") in (403, 404), path
+        assert http_status(f"{app_url}gradio_api/file={path}") in (403, 404), path
 
 
 def test_a_bad_upload_is_a_message_and_the_folder_is_unchanged(client, session, tmp_path):
@@ -168,11 +166,3 @@ def test_a_broken_adapter_does_not_break_the_others(client, expected):
     set_blend(client, {"style_a": 0.5})
     image, _ = generate(client)
     assert same_image(image, expected({"style_a": 0.5}))
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code

@@ -5,11 +5,9 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from ui_helpers import free_port
+from ui_helpers import free_port, http_status
 
 
 @pytest.mark.slow
@@ -25,7 +23,7 @@ def test_imglora_ui_prints_its_loopback_address_and_requires_the_login(ui_files,
         line = _wait_for_line(proc, "imglora ui: ", 120)
         url = re.search(r"http://\S+", line).group(0)
         assert url == f"http://127.0.0.1:{port}/" and "usable" in line
-        assert _status(url + "config") == 401  # nothing without the login
+        assert http_status(url + "config") == 401  # nothing without the login
         with pytest.raises(Exception):
             Client(url, verbose=False)
         table = Client(url, auth=("me", "secret"), verbose=False).predict(api_name="/refresh")
@@ -73,11 +71,3 @@ def _wait_for_line(proc, prefix: str, timeout: float) -> str:
         if line.startswith(prefix):
             return line
     raise AssertionError("no address printed:\n" + "".join(seen[-20:]))
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code

@@ -2,6 +2,8 @@
 
 import os
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 SETTINGS = dict(steps=2, guidance=3.0, width=32, height=32)  # tiny and fast
@@ -28,3 +30,12 @@ def same_image(a, b, tol: int = 1) -> bool:
 
 def in_folder(path: str, folder: Path) -> bool:
     return Path(os.path.abspath(path)).is_relative_to(folder)
+
+
+def http_status(url: str) -> int:
+    """The HTTP status of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
