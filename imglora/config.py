@@ -77,8 +77,8 @@ class TrainConfig:
     seed: int = opt(0, "random seed: the same seed and data give the same adapter")
     mixed_precision: str = opt("no", "frozen base in half precision (adapters stay fp32)", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory (slower)")
-    compile: bool = opt(False, "compile the UNet with torch.compile: the first steps take minutes, later ones are "
-                               "faster (for long GPU runs)")
+    compile: bool = opt(False, "compile the UNet with torch.compile: minutes of compiling first, for long GPU runs "
+                               "(on CPU it measured slower than eager)")
     quantize_base: str | None = opt(None, "store the frozen UNet's Linear weights in int8 or fp8 (needs torchao; "
                                           "fp8 needs a GPU that has it)", ("int8", "fp8"))
     # data processing and loss
