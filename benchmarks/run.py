@@ -23,14 +23,15 @@ import torch
 SUITES = ("inference", "training", "scaling", "data")
 
 
-def model_path(name: str) -> str | None:
-    if name == "tiny":
-        return None  # the embedded model
+def model_path(name: str) -> str:
+    """The diffusers folder behind --model: the embedded model, a cached random-weight build, or a path."""
     if name in ("sd15", "sdxl"):
         from .models import build
 
         return str(build(name))
-    return name
+    from imglora.models.load import resolve_model
+
+    return str(resolve_model(None if name == "tiny" else name))
 
 
 def markdown(results: dict) -> str:

@@ -74,9 +74,7 @@ def ours_cmd(model, data, out, steps, batch, size, rank, args, extra=()) -> list
            "--steps", str(steps), "--batch-size", str(batch), "--resolution", str(size), "--rank", str(rank), "--alpha",
            str(rank), "--lr", "1e-4", "--targets", "attn", "--seed", "0", "--overwrite", "--save-precision", "fp32",
            "--bucket-step", str(min(64, size)), "--mixed-precision", {"fp32": "no"}.get(args.dtype, args.dtype)]
-    cmd += list(extra)
-    if model:
-        cmd += ["--model", str(model)]
+    cmd += ["--model", str(model), *extra]
     if args.device == "cuda":
         cmd += ["--device", "cuda"]
     return cmd
@@ -139,11 +137,6 @@ def bench_training(model, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="imglora-bench-"))
     n_images = max(16, args.batch * 4)
     ours_data, peer_data = make_data(work / "data", n_images, args.size)
-    model_dir = model
-    if model is None:
-        from imglora.models.embedded import default_model_path
-
-        model_dir = default_model_path()
     rank = 4
     runs: dict[str, list] = {"ours": [], **{f"ours+{v}": [] for v in args.variants}, "peer": []}
     for rep in range(args.reps):  # alternate: ours, its variants, peer, ours, ...
@@ -151,11 +144,11 @@ def bench_training(model, args) -> dict:
             if who == "peer":
                 if not args.diffusers_script:
                     continue
-                cmd = peer_cmd(args.diffusers_script, model_dir, peer_data, work / "p", args.steps, args.batch,
+                cmd = peer_cmd(args.diffusers_script, model, peer_data, work / "p", args.steps, args.batch,
                                args.size, rank, args)
             else:
                 extra = VARIANTS[who.split("+")[1]] if "+" in who else ()
-                cmd = ours_cmd(model_dir, ours_data, work / "o", args.steps, args.batch, args.size, rank, args, extra)
+                cmd = ours_cmd(model, ours_data, work / "o", args.steps, args.batch, args.size, rank, args, extra)
             runs[who].append(run(cmd, {}))
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]['wall_s']:.1f}s ({v[-1]['step_s'] * 1000:.1f} ms/step)"
                                          for k, v in runs.items() if v), file=sys.stderr)
@@ -178,7 +171,7 @@ def bench_training(model, args) -> dict:
     if "ours_step_s" in out:
         device = torch.device(args.device)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        out["limit_s"], flops = limit_seconds(model_dir, args.size, args.batch, device, dtype)
+        out["limit_s"], flops = limit_seconds(model, args.size, args.batch, device, dtype)
         out["step_over_limit"] = out["ours_step_s"] / out["limit_s"]
         # A LoRA step does at least the limit's FLOPs; achieved rate against the GPU's dense peak.
         out["ours_tflops"] = flops / out["ours_step_s"] / 1e12
@@ -190,16 +183,11 @@ def bench_training(model, args) -> dict:
 def bench_scaling(model, args) -> dict:
     """Our steady-state step time against resolution (at --batch) and against batch size (at --size)."""
     work = Path(tempfile.mkdtemp(prefix="imglora-scale-"))
-    model_dir = model
-    if model is None:
-        from imglora.models.embedded import default_model_path
-
-        model_dir = default_model_path()
     shapes = [(s, args.batch) for s in args.scale_sizes] + [(args.size, b) for b in args.scale_batches]
     out: dict = {"steps": args.steps}
     for size, batch in dict.fromkeys(shapes):  # in order, each shape once
         data, _ = make_data(work / f"data{size}", max(16, batch * 4), size)
-        r = run(ours_cmd(model_dir, data, work / "o", args.steps, batch, size, 4, args), {})
+        r = run(ours_cmd(model, data, work / "o", args.steps, batch, size, 4, args), {})
         key = f"{size}px_b{batch}"
         out[f"{key}_step_s"] = r["step_s"]
         out[f"{key}_images_per_s"] = batch / r["step_s"]
