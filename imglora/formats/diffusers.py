@@ -7,36 +7,60 @@ O:  unet.<…>.attn2.processor.to_q_lora.down.weight (to_out_lora = to_out.0); t
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections import Counter
 
 import torch
 
-from ..lora.state import COMPONENTS, Adapter, LoraModule, split_component
+from ..lora.state import CLIP_ROOT, COMPONENTS, Adapter, LoraModule, split_component
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
 def to_peft(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """P-format tensors, with each component's rank and alpha (and per-module patterns) in the header."""
+    """P-format tensors with the scale baked into lora_B, so lora_alpha == r holds for every module and no
+    reader needs the header (ComfyUI ignores it: FORMATS.md §0.6). The header still records r and
+    lora_alpha (rank and alpha patterns for mixed ranks), which diffusers reads. Text-encoder keys use the
+    module paths of the installed transformers, as diffusers' own writer does."""
     tensors, config = {}, {}
     for component in adapter.components():
         mods = {k: m for k, m in adapter.modules.items() if split_component(k)[0] == component}
         rank = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
-        alpha = Counter(m.alpha for m in mods.values()).most_common(1)[0][0]
-        paths = sorted(split_component(k)[1] for k in mods)
+        paths = {k: installed_path(k) for k in mods}
         config[f"{component}.r"] = rank
-        config[f"{component}.lora_alpha"] = alpha
-        config[f"{component}.target_modules"] = paths
+        config[f"{component}.lora_alpha"] = rank
+        config[f"{component}.target_modules"] = sorted(paths.values())
         # Full paths as patterns: peft matches them end-anchored, so each names exactly one module.
-        config[f"{component}.rank_pattern"] = {split_component(k)[1]: m.rank for k, m in mods.items() if m.rank != rank}
-        config[f"{component}.alpha_pattern"] = {split_component(k)[1]: m.alpha for k, m in mods.items()
-                                                if m.alpha != alpha}
+        odd = {paths[k]: m.rank for k, m in mods.items() if m.rank != rank}
+        config[f"{component}.rank_pattern"] = odd
+        config[f"{component}.alpha_pattern"] = dict(odd)
         for key, m in mods.items():
-            tensors[f"{key}.lora_A.weight"] = m.A.contiguous()
-            tensors[f"{key}.lora_B.weight"] = m.B.contiguous()
+            name = f"{component}.{paths[key]}"
+            tensors[f"{name}.lora_A.weight"] = m.A.contiguous()
+            tensors[f"{name}.lora_B.weight"] = (m.B.float() * m.scale).to(m.B.dtype).contiguous()
     return tensors, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+
+
+def installed_path(key: str) -> str:
+    """A canonical key's module path as the installed transformers names it (see lora/state.py)."""
+    component, path = split_component(key)
+    if component != "unet" and path.startswith(CLIP_ROOT) and not _clip_has_text_model(component):
+        return path[len(CLIP_ROOT):]
+    return path
+
+
+@functools.cache
+def _clip_has_text_model(component: str) -> bool:
+    """Whether the installed transformers' CLIP model for this component has the `text_model` level."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    with torch.device("meta"):
+        model = cls(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=1, max_position_embeddings=8, projection_dim=8))
+    return hasattr(model, "text_model")
 
 
 def _alphas_from_metadata(metadata: dict[str, str]) -> dict[str, dict]:

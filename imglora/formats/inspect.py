@@ -7,6 +7,8 @@ import os
 from collections import Counter
 
 from ..lora.state import split_component
+from .clients import client_misses
+from .files import read_header
 from .lora_file import ARCH_NAMES, load_adapter
 
 JSON_KEYS = ("ss_tag_frequency", "ss_datasets", "ss_network_args", "imglora.config", "lora_adapter_metadata",
@@ -38,6 +40,12 @@ def describe(path: str | os.PathLike) -> dict:
             except ValueError:
                 warnings.append(f"metadata {k} is not valid JSON; shown raw")
         metadata[k] = v
+    if fmt == "kohya":
+        keys = list(read_header(path)[0])
+        warnings += [f"A1111/ComfyUI would ignore {line}" for line in client_misses(keys, adapter.arch)]
+    elif fmt != "comfyui":
+        warnings.append(f"a diffusers-style ({fmt}) file: ComfyUI ignores its UNet attention keys and A1111 reads "
+                        "none of it; share the kohya format (imglora convert --to kohya)")
     return {
         "file": os.fspath(path),
         "format": fmt,

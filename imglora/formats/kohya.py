@@ -165,8 +165,8 @@ _UNSUPPORTED = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (LyCORIS)"
                 "dora_scale": "DoRA", "oft_": "OFT", ".diff": "full-weight difference", "w_norm": "norm"}
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: int = 2) -> dict[str, LoraModule]:
-    """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
+def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"A", "B", "alpha"}} from kohya-style suffixes; refuses kinds imglora does not read."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         for marker, what in _UNSUPPORTED.items():
@@ -178,10 +178,28 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
                 break
         else:
             raise ValueError(f"unrecognised key {key}")
+    return parts
+
+
+def _module(name: str, p: dict[str, torch.Tensor]) -> LoraModule:
+    if "A" not in p or "B" not in p:
+        raise ValueError(f"module {name} lacks its {'lora_up' if 'A' in p else 'lora_down'} weight")
+    rank = p["A"].shape[0]
+    alpha = float(p["alpha"].item()) if "alpha" in p else float(rank)  # no alpha: scale 1 (FORMATS.md §2)
+    if alpha == 0:
+        # kohya reads 0 as "= rank", ComfyUI/A1111/PEFT as "disabled": refuse to guess (FORMATS.md §2).
+        raise ValueError(f"module {name} has alpha 0, which tools read differently (rank or disabled); "
+                         "re-export it with alpha = rank")
+    return LoraModule(p["A"], p["B"], alpha)
+
+
+SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb")
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: int = 2) -> dict[str, LoraModule]:
+    """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
     modules = {}
-    for name, p in parts.items():
-        if "A" not in p or "B" not in p:
-            raise ValueError(f"module {name} lacks its {'lora_up' if 'A' in p else 'lora_down'} weight")
+    for name, p in _group(tensors).items():
         for prefix in PREFIXES:
             if name.startswith(prefix):
                 rest = name[len(prefix):]
@@ -191,16 +209,29 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
         path = parse_name(rest)
         if prefix == "lora_unet_":
             component = "unet"
-            if path.startswith(("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb")):
+            if path.startswith(SGM_ROOTS):
                 path = sgm_to_diffusers(path, layers_per_block)
         else:
             component = "text_encoder_2" if prefix == "lora_te2_" else "text_encoder"
-        A, B = p["A"], p["B"]
-        rank = A.shape[0]
-        alpha = float(p["alpha"].item()) if "alpha" in p else float(rank)  # no alpha: scale 1 (FORMATS.md §2)
-        if alpha == 0:
-            # kohya reads 0 as "= rank", ComfyUI/A1111/PEFT as "disabled": refuse to guess (FORMATS.md §2).
-            raise ValueError(f"module {name} has alpha 0, which tools read differently (rank or disabled); "
-                             "re-export it with alpha = rank")
-        modules[f"{component}.{path}"] = LoraModule(A, B, alpha)
+        modules[f"{component}.{path}"] = _module(name, p)
+    return modules
+
+
+# ComfyUI's own writers (its LoRA extractor and trainer) use the dotted module paths of its models:
+# `diffusion_model.<original (LDM/sgm) UNet path>` and `text_encoders.<clip_l|clip_h|clip_g>.transformer.<CLIP path>`.
+COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+COMFY_CLIPS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+def from_comfy(tensors: dict[str, torch.Tensor], layers_per_block: int = 2) -> dict[str, LoraModule]:
+    modules = {}
+    for name, p in _group(tensors).items():
+        if name.startswith("diffusion_model."):
+            key = "unet." + sgm_to_diffusers(name[len("diffusion_model."):], layers_per_block)
+        else:
+            clip, _, rest = name[len("text_encoders."):].partition(".")
+            if clip not in COMFY_CLIPS or not rest.startswith("transformer."):
+                raise ValueError(f"key {name}: unknown text encoder {clip!r} (expected clip_l, clip_h or clip_g)")
+            key = f"{COMFY_CLIPS[clip]}.{rest[len('transformer.'):]}"
+        modules[key] = _module(name, p)
     return modules

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from ..errors import ImgloraError
-from ..lora.state import Adapter, split_component
+from ..lora.state import Adapter, canonical_key, split_component
 from . import diffusers as dfmt
 from . import kohya
+from .clients import client_misses
 from .files import read_safetensors, tensor_data_hash, write_safetensors
 from .metadata import arch_from_metadata
 
-FORMATS = ("kohya", "peft", "diffusers", "attn-procs")
+FORMATS = ("kohya", "comfyui", "peft", "diffusers", "attn-procs")
 # Cross-attention key width -> base model (FORMATS.md §3); TE q_proj width likewise.
 ATTN2_KEY_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -24,13 +26,16 @@ def detect_format(keys: list[str]) -> str:
         raise ValueError("no tensors in the file")
     if all(k.startswith(kohya.PREFIXES) for k in keys):
         return "kohya"
+    if all(k.startswith(kohya.COMFY_PREFIXES) for k in keys):
+        return "comfyui"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft"
     if any(".lora.down." in k or ".lora_linear_layer." in k for k in keys):
         return "diffusers"
     if any(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):
         return "attn-procs"
-    raise ValueError("no LoRA keys (expected lora_unet_/lora_te_ kohya keys or diffusers lora_A/lora_B keys)")
+    raise ValueError("no LoRA keys (expected lora_unet_/lora_te_ kohya keys, ComfyUI diffusion_model. keys or "
+                     "diffusers lora_A/lora_B keys)")
 
 
 def detect_arch(keys: list[str], modules: dict, metadata: dict[str, str]) -> str:
@@ -59,17 +64,21 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> tuple[Ad
             arch_from_metadata(metadata) == "sdxl"
         if fmt == "kohya":
             modules = kohya.from_kohya(tensors, sdxl=sdxl_hint, layers_per_block=layers_per_block)
+        elif fmt == "comfyui":
+            modules = kohya.from_comfy(tensors, layers_per_block=layers_per_block)
         elif fmt == "peft":
             modules = dfmt.from_peft(tensors, metadata)
         else:
             modules = dfmt.from_diffusers_old(tensors)
+        # Both spellings of text-encoder paths, with and without `text_model.` (see lora/state.py).
+        modules = {canonical_key(k): m for k, m in modules.items()}
         for key, m in modules.items():
             if m.A.dim() not in (2, 4) or m.B.shape[1] != m.A.shape[0]:
                 raise ValueError(f"module {key}: lora_down {tuple(m.A.shape)} and lora_up {tuple(m.B.shape)} "
                                  "do not multiply")
     except ValueError as e:
         raise ImgloraError(f"not a usable LoRA file: {e}",
-                           "imglora reads kohya/A1111, diffusers-PEFT, diffusers-script and attn-procs LoRA files",
+                           "imglora reads kohya/A1111, ComfyUI, diffusers-PEFT, diffusers-script and attn-procs LoRA files",
                            path=path) from None
     arch = detect_arch(list(tensors), modules, metadata)
     return Adapter(modules, metadata, arch), fmt
@@ -95,6 +104,9 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, fmt: str = "kohya", 
         meta.pop(dfmt.ADAPTER_METADATA_KEY, None)  # FORMATS.md §0.2: diffusers would reject the file
         meta.pop("format", None)
     meta.update(header)
+    if fmt == "kohya":
+        for line in client_misses(list(tensors), adapter.arch):  # before anyone shares the file
+            print(f"imglora: warning: {path}: A1111/ComfyUI would ignore {line}", file=sys.stderr)
     # The hash covers tensor data only, so it does not change when it is added to the header.
     data = save({k: t.contiguous().cpu() for k, t in tensors.items()}, metadata={k: str(v) for k, v in meta.items()})
     meta["sshs_model_hash"] = tensor_data_hash(data)

@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from .inject import text_encoder_targets, unet_targets, unwrap, wrap
+from .inject import find, text_encoder_targets, unet_targets, unwrap, wrap
 from .layer import LoraLayer
 from .state import COMPONENTS, Adapter, LoraModule, split_component
 
@@ -94,7 +94,7 @@ class Adapters:
         if root is None:
             raise AdapterError(f"it has {component} modules but the pipeline has no {component}")
         try:
-            base = root.get_submodule(path)
+            base = find(root, path)
         except AttributeError:
             raise AdapterError(f"module {key} does not exist in this model") from None
         base = base.base if isinstance(base, LoraLayer) else base

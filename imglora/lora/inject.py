@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layer import LoraLayer
+from .state import CLIP_ROOT
 
 UNET_PRESETS = ("cross-attn", "attn", "transformer", "conv")
 ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
@@ -49,14 +50,30 @@ def unet_targets(unet: nn.Module, preset: str = "cross-attn") -> list[str]:
 
 
 def text_encoder_targets(text_encoder: nn.Module, mlp: bool = False) -> list[str]:
-    """q/k/v/out projections of every CLIP layer (all four together: FORMATS.md §0.4), optionally fc1/fc2."""
+    """q/k/v/out projections of every CLIP layer (all four together: FORMATS.md §0.4), optionally fc1/fc2,
+    as canonical paths (`text_model.encoder.layers.N…`, see state.py) whatever the installed transformers."""
     wanted = TE_ATTN + (TE_MLP if mlp else ())
-    return [n for n, m in text_encoder.named_modules()
+    prefix = "" if hasattr(text_encoder, "text_model") else CLIP_ROOT
+    return [prefix + n for n, m in text_encoder.named_modules()
             if isinstance(m, (nn.Linear, LoraLayer)) and n.rsplit(".", 1)[-1] in wanted and ".base" not in n]
+
+
+def live_path(root: nn.Module, path: str) -> str:
+    """A canonical module path in the installed module tree: CLIPTextModel lost its `text_model` level
+    in transformers 5 (CLIPTextModelWithProjection kept it)."""
+    if path.startswith(CLIP_ROOT) and not hasattr(root, "text_model"):
+        return path[len(CLIP_ROOT):]
+    return path
+
+
+def find(root: nn.Module, path: str) -> nn.Module:
+    """root's module at a canonical path (AttributeError if there is none)."""
+    return root.get_submodule(live_path(root, path))
 
 
 def wrap(root: nn.Module, path: str) -> LoraLayer:
     """Replace root.<path> by a LoraLayer around it (or return the one already there)."""
+    path = live_path(root, path)
     module = root.get_submodule(path)
     if isinstance(module, LoraLayer):
         return module
@@ -71,6 +88,7 @@ def wrap(root: nn.Module, path: str) -> LoraLayer:
 
 def unwrap(root: nn.Module, path: str) -> None:
     """Put the original module back in place of the LoraLayer at root.<path>."""
+    path = live_path(root, path)
     module = root.get_submodule(path)
     if isinstance(module, LoraLayer):
         parent_path, _, child = path.rpartition(".")

@@ -3,6 +3,10 @@
 Modules are keyed by their full diffusers path with the pipeline component in front:
 `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q`,
 `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`, `text_encoder_2.…`.
+
+Text-encoder paths are the original CLIP ones (`text_model.encoder.…`), which every checkpoint and every
+kohya, A1111 and ComfyUI file uses, whatever transformers is installed: transformers 5 dropped the
+`text_model` level of CLIPTextModel, so lora/inject.py maps these keys onto the live module tree.
 """
 
 from __future__ import annotations
@@ -65,3 +69,15 @@ def split_component(key: str) -> tuple[str, str]:
     """'unet.down_blocks.0…' -> ('unet', 'down_blocks.0…')."""
     component, _, path = key.partition(".")
     return component, path
+
+
+CLIP_ROOT = "text_model."
+_CLIP_CHILDREN = ("encoder.", "embeddings.", "final_layer_norm")
+
+
+def canonical_key(key: str) -> str:
+    """'text_encoder.encoder.layers.0…' (a transformers-5 module path) -> 'text_encoder.text_model.encoder.layers.0…'."""
+    component, path = split_component(key)
+    if component != "unet" and path.startswith(_CLIP_CHILDREN):
+        return f"{component}.{CLIP_ROOT}{path}"
+    return key

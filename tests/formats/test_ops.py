@@ -1,10 +1,14 @@
 """convert, merge and resize against their definitions."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from imglora.cli import main
+from imglora.formats.diffusers import installed_path
+from imglora.formats.files import read_safetensors
 from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.lora.adapters import Adapters
 from imglora.lora.state import Adapter, LoraModule
@@ -25,7 +29,7 @@ def random_adapter(make_pipe, kind="sd1", preset="conv", rank=4, alpha=2.0, seed
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_kohya_diffusers_kohya_round_trip_preserves_every_tensor(make_pipe, tmp_path, kind):
+def test_kohya_diffusers_kohya_round_trip_preserves_every_delta(make_pipe, tmp_path, kind):
     adapter = random_adapter(make_pipe, kind)
     first = tmp_path / "first.safetensors"
     save_adapter(first, adapter, metadata={"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"})
@@ -33,9 +37,28 @@ def test_kohya_diffusers_kohya_round_trip_preserves_every_tensor(make_pipe, tmp_
     assert main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
     a, b = load_file(first), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("lora_down.weight"))
+    # The diffusers file carries the scale in lora_B (alpha == rank), so only the product survives exactly.
+    before, after = load_adapter(first)[0], load_adapter(tmp_path / "back.safetensors")[0]
+    for key, m in before.modules.items():
+        assert after.modules[key].alpha == m.rank
+        torch.testing.assert_close(after.modules[key].delta(), m.delta(), rtol=1e-5, atol=1e-6)
     if kind == "sdxl":
         assert any("input_blocks" in k for k in a) and any(k.startswith("lora_te2_") for k in a)
+
+
+def test_diffusers_file_needs_no_alpha_metadata(make_pipe, tmp_path):
+    """ComfyUI ignores lora_adapter_metadata (FORMATS.md §0.6): lora_B @ lora_A alone must be the full ΔW."""
+    adapter = random_adapter(make_pipe, "sd1")  # alpha 2 on rank 4, conv alpha 3 on rank 2
+    save_adapter(tmp_path / "d.safetensors", adapter, fmt="diffusers")
+    tensors = load_file(tmp_path / "d.safetensors")
+    config = json.loads(read_safetensors(tmp_path / "d.safetensors")[1]["lora_adapter_metadata"])
+    assert config["unet.lora_alpha"] == config["unet.r"] and config["unet.alpha_pattern"] == config["unet.rank_pattern"]
+    for key, m in adapter.modules.items():
+        component, path = key.split(".", 1)
+        name = f"{component}.{installed_path(key)}"
+        A, B = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+        torch.testing.assert_close(LoraModule(A, B, float(A.shape[0])).delta(), m.delta(), rtol=1e-5, atol=1e-6)
 
 
 def test_exported_kohya_file_follows_the_spec(make_pipe, tmp_path):

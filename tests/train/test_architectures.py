@@ -123,6 +123,9 @@ def test_compiled_unet_trains_the_same_adapter(make_pipe, shapes, tmp_path):
                      flag, *FAST]) == 0
         files[flag] = load_file(out / "lora.safetensors")
     assert files["--compile"].keys() == files["--no-compile"].keys()
+    # What separates the two: Adam moves every element that has a gradient by about lr (3e-3) per step,
+    # so an adapter the compiled graph trains wrongly (not applied, a wrong gradient) is off by ~1e-3 in
+    # most elements, while inductor's reassociated float sums leave differences of ~1e-6 (2.3e-6 seen).
     for key, eager in files["--no-compile"].items():
-        torch.testing.assert_close(files["--compile"][key], eager, rtol=1e-4, atol=1e-6)
-    assert any(t.abs().sum() > 0 for k, t in files["--compile"].items() if "lora_up" in k)
+        torch.testing.assert_close(files["--compile"][key], eager, rtol=1e-4, atol=5e-5)
+    assert all(t.abs().max() > 1e-3 for k, t in files["--no-compile"].items() if "lora_up" in k)
