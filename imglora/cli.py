@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import add_arguments
+from .config import FORMAT_HELP, add_arguments
 from .errors import ImgloraError, run_command
 
 
@@ -81,7 +81,7 @@ def convert_command(args) -> None:
     adapter, fmt = load_adapter(args.input)
     if args.arch:
         adapter.arch = args.arch
-    save_adapter(args.output, adapter, fmt="kohya" if args.to == "kohya" else "peft", overwrite=args.overwrite)
+    save_adapter(args.output, adapter, fmt=args.to, overwrite=args.overwrite)
     print(f"{args.input} ({fmt}) -> {args.output} ({args.to}, {len(adapter.modules)} modules)")
 
 
@@ -99,7 +99,7 @@ def merge_command(args) -> None:
     meta = build_metadata(merged, merged.arch, Path(args.output).stem,
                           extra={"modelspec.merged_from": ", ".join(s["file"] for s in sources),
                                  "imglora.merged_from": sources})
-    save_adapter(args.output, merged, fmt="kohya" if args.to == "kohya" else "peft", metadata=meta,
+    save_adapter(args.output, merged, fmt=args.to, metadata=meta,
                  overwrite=args.overwrite)
     ranks = sorted(set(merged.ranks()))
     print(f"{args.output}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}"
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format")
     c.add_argument("input")
     c.add_argument("output")
-    c.add_argument("--to", choices=["kohya", "diffusers"], required=True)
+    c.add_argument("--to", choices=["kohya", "diffusers"], required=True, help=FORMAT_HELP)
     c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=convert_command)
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("output")
     m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
     m.add_argument("--rank", type=int)
-    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help=FORMAT_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=merge_command)
 

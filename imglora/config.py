@@ -20,6 +20,10 @@ def opt(default, help: str, choices: tuple | None = None, flag: str | None = Non
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
+FORMAT_HELP = ("file format: kohya (read by A1111, Forge, ComfyUI, kohya and diffusers) or diffusers (diffusers-PEFT "
+               "keys, read by diffusers' load_lora_weights; ComfyUI ignores its UNet attention keys, A1111 reads none)")
+
+
 @dataclass
 class TrainConfig:
     # what to train on
@@ -38,7 +42,7 @@ class TrainConfig:
     # output
     output: str = opt("output", "output folder")
     name: str = opt("lora", "adapter name: OUTPUT/NAME.safetensors")
-    save_format: str = opt("kohya", "file format", ("kohya", "diffusers"))
+    save_format: str = opt("kohya", FORMAT_HELP, ("kohya", "diffusers"))
     save_precision: str = opt("fp16", "tensor precision of the saved adapter", ("fp32", "fp16", "bf16"))
     save_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
     keep_last: int = opt(3, "checkpoints to keep")

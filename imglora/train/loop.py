@@ -418,7 +418,7 @@ class Trainer:
         meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
         lpb = layers_per_block(self.pipe.unet)
-        path = save_adapter(self.final, adapter, fmt="kohya" if cfg.save_format == "kohya" else "peft", metadata=meta,
+        path = save_adapter(self.final, adapter, fmt=cfg.save_format, metadata=meta,
                             overwrite=True, layers_per_block=lpb, dtype=dtype)
         # Self-test: the written file parses back to exactly the modules we trained (ANCHORS.md §3.1).
         back, _ = load_adapter(path, lpb)

@@ -69,7 +69,7 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
         "modelspec.merged_from": ", ".join(s["file"] for s in sources),
         "imglora.merged_from": sources,
         "imglora.merge_method": "exact concatenation" if svd_rank is None else f"svd rank {svd_rank}"})
-    save_adapter(target, merged, fmt="kohya" if fmt == "kohya" else "peft", metadata=meta, layers_per_block=lpb)
+    save_adapter(target, merged, fmt=fmt, metadata=meta, layers_per_block=lpb)
     session.catalogue.scan()
     ranks = "/".join(str(r) for r in sorted(merged.ranks()))
     how = "exact concatenation" if energy is None else energy.line()
