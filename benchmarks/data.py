@@ -70,11 +70,11 @@ def bench_data(model, args) -> dict:
         out[f"check_{n}_problems"] = len(report.findings)
         out[f"scan_{n}_s"] = scan_s
         out[f"scan_{n}_files_per_s"] = n / scan_s
-    from imglora.models.load import load_pipeline, model_defaults
+    from imglora.pipeline import load_model
     from imglora.train.data import Example, LatentCache, vae_fingerprint
 
-    pipe = load_pipeline(model)
-    res = model_defaults(pipe).get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    loaded = load_model(model)
+    pipe, res = loaded.pipe, loaded.resolution
     examples = [Example(p, "x", (res, res)) for p in sorted(make_folder(1000).glob("*.png"))[:500]]
     cache = LatentCache(pipe.vae, None, vae_fingerprint(pipe.vae))
     t = time.perf_counter()

@@ -44,13 +44,13 @@ class FullFinetune(Trainer):
         return None
 
 
-def evaluate(pipe, adapters, blend_name: str | None, seeds: int) -> dict:
+def evaluate(model, adapters, blend_name: str | None, seeds: int) -> dict:
     """Concept and base accuracy; for full fine-tuning (no adapter) the 'before' pipe is passed separately."""
     from imglora.models.judge import load_judge
 
     judge = load_judge()
-    concept = render_before_after(pipe, adapters, blend_name, concept_prompts(WORD, seeds))
-    base = render_before_after(pipe, adapters, blend_name, base_prompts(max(1, seeds // 2)))
+    concept = render_before_after(model, adapters, blend_name, concept_prompts(WORD, seeds))
+    base = render_before_after(model, adapters, blend_name, base_prompts(max(1, seeds // 2)))
     c0, c1 = score(judge, concept, SHAPE)
     b0, b1 = score(judge, base, None)
     return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}
@@ -66,18 +66,18 @@ def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int 
     if full:
         import copy
 
-        before = copy.deepcopy(trainer.pipe)
+        before = copy.deepcopy(trainer.model)
         trainer.run()
         seconds = time.perf_counter() - t0
         trainer.pipe.unet.eval()
-        after = _pipe_eval(trainer.pipe, seeds)
+        after = _pipe_eval(trainer.model, seeds)
         prior = _pipe_eval(before, seeds)
         result = {"concept_before": prior[0], "concept_after": after[0], "base_before": prior[1], "base_after": after[1]}
     else:
         trainer.run()
         seconds = time.perf_counter() - t0
         trainer.pipe.to("cpu")
-        result = evaluate(trainer.pipe, trainer.adapters, NAME, seeds)
+        result = evaluate(trainer.model, trainer.adapters, NAME, seeds)
     return {**overrides, "full_finetune": full, "trainable_params": n_params, "train_seconds": seconds, **result,
             "base_change": result["base_after"] - result["base_before"]}
 
@@ -88,7 +88,7 @@ def _run_job(job) -> dict:
                    reg_data=str(data.parent / "regularisation"), **overrides)
 
 
-def _pipe_eval(pipe, seeds: int) -> tuple[float, float]:
+def _pipe_eval(model, seeds: int) -> tuple[float, float]:
     """(concept, base) accuracy of a pipeline as it is (for full fine-tuning, which has no adapter)."""
     from imglora.demo import accuracy
     from imglora.generate import GenerateArgs, generate
@@ -97,7 +97,7 @@ def _pipe_eval(pipe, seeds: int) -> tuple[float, float]:
     judge = load_judge()
     out = []
     for prompts, shape in ((concept_prompts(WORD, seeds), SHAPE), (base_prompts(max(1, seeds // 2)), None)):
-        images = [generate(pipe, GenerateArgs(p, seed=s))[0] for p, _, s in prompts]
+        images = [generate(model, GenerateArgs(p, seed=s))[0] for p, _, s in prompts]
         out.append(accuracy(judge, images, [lab for _, lab, _ in prompts], shape))
     return out[0], out[1]
 

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from imglora.data.synth import BACKGROUNDS, BASE_SHAPES, COLOURS, NEW_SHAPES, synth_shapes
 from imglora.errors import ImgloraError
+from imglora.formats.files import atomic_dir
 
 
 def synth(out, n: int, seed: int = 0, size: int = 64, shapes=None, colours=None, backgrounds=None,
@@ -33,22 +31,7 @@ def synth(out, n: int, seed: int = 0, size: int = 64, shapes=None, colours=None,
         raise ImgloraError(f"--size {size} is too small", "use 8 px or more (64 is the default)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ImgloraError("already exists and is not an empty folder", "choose a new folder", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.imglora-tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         written = synth_shapes(tmp, n, seed=seed, size=size, shapes=shapes, colours=tuple(colours or COLOURS),
                                backgrounds=tuple(backgrounds or BACKGROUNDS), words=mapping)
-        tmp.chmod(0o777 & ~_umask())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out / p.name for p, _ in written]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -36,23 +36,22 @@ def _torch_dtype(name: str):
 
 # -- generate -------------------------------------------------------------------------------------
 def generate_command(args) -> None:
-    from .formats.lora_file import attach
     from .generate import GenerateArgs, generate, parameters_text, save_png
     from .lora.adapters import Adapters
-    from .models.load import load_pipeline, pipeline_arch
+    from .pipeline import attach, load_model
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
-    adapters = Adapters(pipe)
+    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    adapters = Adapters(model.pipe)
     weights = {}
     for spec in args.lora:
         path, weight = parse_weighted(spec)
-        weights[attach(adapters, path, weight, model_arch=pipeline_arch(pipe)[0])] = weight
+        weights[attach(model, adapters, path, weight)] = weight
     ga = GenerateArgs(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
                       batch=args.batch, adapters=weights)
-    images = generate(pipe, ga, adapters, progress=True)
+    images = generate(model, ga, adapters, progress=True)
     for i, image in enumerate(images):
         out = _output_name(args.out, i, len(images), args.overwrite)
-        save_png(image, out, parameters_text(pipe, ga, args.seed + i), overwrite=args.overwrite)
+        save_png(image, out, parameters_text(model, ga, args.seed + i), overwrite=args.overwrite)
         print(out)
 
 
@@ -108,13 +107,12 @@ def merge_command(args) -> None:
 
 def resize_command(args) -> None:
     from .formats.lora_file import load_adapter, save_adapter
+    from .formats.metadata import resized_metadata
     from .ops.resize import resize
 
     adapter, _ = load_adapter(args.input)
     small, energy = resize(adapter, args.rank)
-    meta = dict(adapter.metadata)
-    meta.update({"ss_network_dim": str(args.rank), "ss_network_alpha": str(float(args.rank))})
-    save_adapter(args.output, small, metadata=meta, overwrite=args.overwrite)
+    save_adapter(args.output, small, metadata=resized_metadata(adapter.metadata, args.rank), overwrite=args.overwrite)
     print(f"{args.output}: rank {args.rank}, {energy.line()}")
 
 

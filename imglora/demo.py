@@ -15,10 +15,9 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data.synth import BASE_SHAPES, COLOURS, synth_shapes
-from .formats.lora_file import attach
 from .generate import GenerateArgs, generate, image_grid, save_png
 from .lora.adapters import Adapters
-from .models.load import load_pipeline
+from .pipeline import attach, load_model
 from .train.loop import train
 
 # The recipe `benchmarks/quality.py` measures; it fits the 5-minute budget on a 2-core CPU. Of the
@@ -48,11 +47,11 @@ def base_prompts(seeds: int) -> list[tuple[str, dict, int]]:
             for s in BASE_SHAPES for c in COLOURS for k in range(seeds)]
 
 
-def render_before_after(pipe, adapters, name: str, prompts) -> list[tuple]:
+def render_before_after(model, adapters, name: str, prompts) -> list[tuple]:
     """(before, after) images for each (prompt, labels, seed), both rendered in one batch of two blends."""
     out = []
     for prompt, labels, seed in tqdm(prompts, desc="before/after", unit="prompt", leave=False):
-        before, after = generate(pipe, GenerateArgs(prompt, seed=seed, blends=[{name: 0.0}, {name: 1.0}]), adapters)
+        before, after = generate(model, GenerateArgs(prompt, seed=seed, blends=[{name: 0.0}, {name: 1.0}]), adapters)
         out.append((prompt, labels, before, after))
     return out
 
@@ -93,12 +92,12 @@ def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD,
                       reg_data=str(reg), **{**RECIPE, **({"steps": steps} if steps else {}), **overrides})
     cfg.check()
     path = train(cfg)
-    pipe = load_pipeline(None)
-    adapters = Adapters(pipe)
-    attach(adapters, path, name=word)
+    model = load_model(None)
+    adapters = Adapters(model.pipe)
+    attach(model, adapters, path, name=word)
     judge = load_judge()
-    concept = render_before_after(pipe, adapters, word, concept_prompts(word, seeds))
-    base = render_before_after(pipe, adapters, word, base_prompts(max(1, seeds // 2)))
+    concept = render_before_after(model, adapters, word, concept_prompts(word, seeds))
+    base = render_before_after(model, adapters, word, base_prompts(max(1, seeds // 2)))
     concept_before, concept_after = score(judge, concept, shape)
     base_before, base_after = score(judge, base, None)
     rows = concept[::seeds] + base[:: max(1, seeds // 2) * len(COLOURS)]

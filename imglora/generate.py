@@ -6,7 +6,6 @@ image equals what diffusers gives for the same arguments and adapters.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .formats.files import atomic_write
 from .lora.adapters import Adapters
-from .models.load import model_defaults, pipeline_arch
+from .pipeline import Model
 
 
 @dataclass
@@ -32,24 +31,24 @@ class GenerateArgs:
     adapters: dict[str, float] = field(default_factory=dict)  # name -> weight, for the PNG parameters text
 
 
-def resolved(pipe, args: GenerateArgs) -> GenerateArgs:
+def resolved(model: Model, args: GenerateArgs) -> GenerateArgs:
     """Fill unset steps/guidance/size from the model's defaults (imglora.json), then diffusers' own."""
-    d = model_defaults(pipe)
-    arch, _ = pipeline_arch(pipe)
-    size = d.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    d, size = model.defaults, model.resolution
     return GenerateArgs(
         prompt=args.prompt, negative=args.negative, seed=args.seed,
         steps=args.steps or d.get("steps", 50),
-        guidance=args.guidance if args.guidance is not None else d.get("guidance", 5.0 if arch == "sdxl" else 7.5),
+        guidance=args.guidance if args.guidance is not None else d.get("guidance", 5.0 if model.arch == "sdxl" else 7.5),
         width=args.width or size, height=args.height or size, batch=args.batch, blends=args.blends,
         adapters=dict(args.adapters))
 
 
 @torch.no_grad()
-def generate(pipe, args: GenerateArgs, adapters: Adapters | None = None, progress: bool = False) -> list[Image.Image]:
+def generate(model: Model, args: GenerateArgs, adapters: Adapters | None = None,
+             progress: bool = False) -> list[Image.Image]:
     """Images for one prompt. With `blends`, image i uses blends[i] in the same forward pass, all with
     the same seed, so a grid differs only by blend; otherwise image i uses seed + i."""
-    a = resolved(pipe, args)
+    a = resolved(model, args)
+    pipe = model.pipe
     n = len(a.blends) if a.blends else a.batch
     seeds = [a.seed] * n if a.blends else [a.seed + i for i in range(n)]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -68,19 +67,18 @@ def generate(pipe, args: GenerateArgs, adapters: Adapters | None = None, progres
     return out.images
 
 
-def parameters_text(pipe, args: GenerateArgs, seed: int, blend: dict[str, float] | None = None) -> str:
+def parameters_text(model: Model, args: GenerateArgs, seed: int, blend: dict[str, float] | None = None) -> str:
     """A1111's `parameters` PNG text; adapters appear as <lora:name:weight> in the prompt."""
-    a = resolved(pipe, args)
+    a = resolved(model, args)
     weights = blend if blend is not None else a.adapters
     loras = " ".join(f"<lora:{name}:{w:g}>" for name, w in weights.items() if w)
     prompt = f"{a.prompt} {loras}".strip()
-    sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "")
-    model = os.path.basename(str(getattr(pipe, "_imglora_path", "") or "model").rstrip("/"))
+    sampler = type(model.pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "")
     lines = [prompt]
     if a.negative:
         lines.append(f"Negative prompt: {a.negative}")
     lines.append(f"Steps: {a.steps}, Sampler: {sampler}, CFG scale: {a.guidance:g}, Seed: {seed}, "
-                 f"Size: {a.width}x{a.height}, Model: {model}, Version: imglora")
+                 f"Size: {a.width}x{a.height}, Model: {model.name}, Version: imglora")
     return "\n".join(lines)
 
 

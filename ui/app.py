@@ -95,8 +95,8 @@ def start(session: Session, demo: gr.Blocks, host: str = "127.0.0.1", port: int 
 
 
 def _model_paths(session: Session) -> list[str]:
-    path = getattr(session.pipe, "_imglora_path", None)
-    return [str(Path(path).resolve())] if path else []
+    path = session.model.path
+    return [str(path.resolve())] if path else []
 
 
 def launch(model=None, adapters_dir="adapters", host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
@@ -106,8 +106,7 @@ def launch(model=None, adapters_dir="adapters", host: str = "127.0.0.1", port: i
     parse_auth(auth)  # a malformed --auth fails before the model is loaded
     if warning:
         print(f"imglora ui: {warning}", file=sys.stderr)
-    pipe = open_model(model, device)
-    session = Session(pipe, adapters_dir, outputs_dir, uploads_enabled=uploads, max_upload_mb=max_upload_mb)
+    session = Session(open_model(model, device), adapters_dir, outputs_dir, uploads_enabled=uploads, max_upload_mb=max_upload_mb)
     demo = build_app(session)
     url = start(session, demo, host, port, auth, share)
     usable = len(session.catalogue.names())

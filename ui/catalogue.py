@@ -10,7 +10,6 @@ recorded here, so one bad file is listed with its reason and the others keep wor
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 from imglora.errors import ImgloraError
 from imglora.formats.files import read_header
 from imglora.formats.inspect import describe
-from imglora.formats.lora_file import ARCH_NAMES, ATTN2_KEY_DIMS, adapter_name
-from imglora.formats.metadata import arch_from_metadata
+from imglora.formats.detect import ARCH_NAMES, arch_from_header, arch_mismatch
+from imglora.lora.adapters import NAME_RE
+from imglora.pipeline import adapter_name
 
-NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # the same rule as Adapters names
 SUFFIX = ".safetensors"
 
 
@@ -42,22 +41,6 @@ class Entry:
         """[name, status, base model, file]: the status first, as it is what a user looks for."""
         arch = "unknown" if self.arch == "unknown" else ARCH_NAMES.get(self.arch, self.arch)
         return [self.name, "ok" if self.usable else self.error, arch, self.path.name]
-
-
-def header_arch(header: dict, metadata: dict[str, str]) -> str:
-    """sd1/sd2/sdxl/unknown from the header alone: metadata, then key names, then the attn2.to_k width."""
-    found = arch_from_metadata(metadata)
-    if found:
-        return found
-    keys = list(header)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_unet_input_blocks", "lora_unet_output_blocks"))
-           for k in keys):
-        return "sdxl"
-    for k, v in header.items():
-        down = ("attn2_to_k.lora_down" in k or "attn2.to_k.lora_A" in k or "attn2.to_k.lora.down" in k)
-        if down and len(v.get("shape", ())) >= 2 and v["shape"][1] in ATTN2_KEY_DIMS:
-            return ATTN2_KEY_DIMS[v["shape"][1]]
-    return "unknown"
 
 
 def check_name(name) -> str:
@@ -119,14 +102,14 @@ class Catalogue:
         except ImgloraError as e:
             entry.error = _reason(e)
             return entry
-        entry.arch = header_arch(header, metadata)
+        entry.arch = arch_from_header({k: tuple(v.get("shape", ())) for k, v in header.items()}, metadata)
         self._check_arch(entry)
         return entry
 
     def _check_arch(self, entry: Entry) -> None:
-        if entry.error is None and entry.arch not in ("unknown", self.model_arch):
-            entry.error = (f"incompatible: made for {ARCH_NAMES.get(entry.arch, entry.arch)}, the model is "
-                           f"{ARCH_NAMES.get(self.model_arch, self.model_arch)}")
+        why = arch_mismatch(entry.arch, self.model_arch)
+        if entry.error is None and why:
+            entry.error = f"incompatible: {why}"
 
     def get(self, name) -> Entry:
         """The usable entry called `name`, or an error a user can act on. Opens no file."""

@@ -18,10 +18,9 @@ import torch
 
 from imglora.errors import ImgloraError
 from imglora.formats.files import clean_temp_files
-from imglora.formats.lora_file import attach
 from imglora.generate import save_png
 from imglora.lora.adapters import Adapters
-from imglora.models.load import load_pipeline, pipeline_arch
+from imglora.pipeline import Model, attach, load_model
 
 from .catalogue import Catalogue
 
@@ -40,11 +39,11 @@ class NonFinite(ImgloraError):
     """NaN or Inf in the model's output (RELIABILITY.md U6): a message, never a black image."""
 
 
-def open_model(model, device: str = "cpu"):
-    """load_pipeline, with a missing embedded default model turned into a message."""
+def open_model(model, device: str = "cpu") -> Model:
+    """load_model, with a missing embedded default model turned into a message."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     try:
-        return load_pipeline(model, device=device, dtype=dtype)
+        return load_model(model, device=device, dtype=dtype)
     except ImportError:
         if model is not None:
             raise
@@ -53,11 +52,12 @@ def open_model(model, device: str = "cpu"):
 
 
 class Session:
-    def __init__(self, pipe, adapters_dir, outputs_dir="outputs", uploads_enabled: bool = True,
+    def __init__(self, model: Model, adapters_dir, outputs_dir="outputs", uploads_enabled: bool = True,
                  max_upload_mb: int = 512, max_grid: int = 64):
-        self.pipe = pipe
-        self.arch = pipeline_arch(pipe)[0]
-        self.adapters = Adapters(pipe)
+        self.model = model
+        self.pipe = model.pipe
+        self.arch = model.arch
+        self.adapters = Adapters(model.pipe)
         self.lock = threading.RLock()
         self.catalogue = Catalogue(adapters_dir, self.arch)
         self.catalogue.folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ class Session:
         self.max_grid = max_grid
         self.loaded: dict[str, tuple] = {}  # name -> (path, fingerprint) of what is on the pipeline
         self.merged_blend: dict | None = None  # the blend folded into the weights, in merge mode
-        self._default_scheduler = pipe.scheduler
+        self._default_scheduler = model.pipe.scheduler
         self._save_lock = threading.Lock()
         self.catalogue.scan()
 
@@ -89,7 +89,7 @@ class Session:
             self.pipe.scheduler = self._scheduler(scheduler)
             watch = _NonFiniteWatch(self.pipe)
             try:
-                yield self.pipe
+                yield self.model
                 watch.check()
             finally:
                 watch.remove()
@@ -105,7 +105,7 @@ class Session:
             self.loaded.pop(name, None)
         try:
             self.catalogue.card(name)  # the strict full read: NaN, keys, arch (cached per file version)
-            attach(self.adapters, entry.path, weight=0.0, name=name, model_arch=self.arch)
+            attach(self.model, self.adapters, entry.path, weight=0.0, name=name)
         except ImgloraError as e:
             if entry.error is None:
                 self.catalogue.mark_broken(entry, e)

@@ -6,10 +6,12 @@ header is checked here first and every failure becomes one line naming the file 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable
@@ -155,6 +157,44 @@ def atomic_write(path: str | os.PathLike, write: Callable, overwrite: bool = Fal
             raise ImgloraError("already exists", "choose another name or pass --overwrite", path=path) from None
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, replace: bool = False):
+    """Yield a temp folder beside `final`; when the block ends without an error, fsync it and rename it to
+    `final` (replacing an existing one only with `replace`; an empty one always). On an error, or a kill
+    before the rename, `final` is untouched and the temp folder goes (clean_temp_files removes a killed one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        _fsync_dir(tmp)
+        if final.is_dir() and (replace or not any(final.iterdir())):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def clean_temp_files(directory: str | os.PathLike) -> list[Path]:

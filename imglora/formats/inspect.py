@@ -9,7 +9,8 @@ from collections import Counter
 from ..lora.state import split_component
 from .clients import client_misses
 from .files import read_header
-from .lora_file import ARCH_NAMES, load_adapter
+from .detect import ARCH_NAMES
+from .lora_file import load_adapter
 
 JSON_KEYS = ("ss_tag_frequency", "ss_datasets", "ss_network_args", "imglora.config", "lora_adapter_metadata",
              "imglora.merged_from", "ss_dataset_dirs")

@@ -12,8 +12,9 @@ import re
 import torch
 
 from ..lora.state import Adapter, LoraModule, split_component
+from .detect import COMFY_PREFIXES, KOHYA_PREFIXES
 
-PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+PREFIXES = KOHYA_PREFIXES
 # Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.
 COMPOUNDS = {
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
@@ -219,7 +220,6 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
 
 # ComfyUI's own writers (its LoRA extractor and trainer) use the dotted module paths of its models:
 # `diffusion_model.<original (LDM/sgm) UNet path>` and `text_encoders.<clip_l|clip_h|clip_g>.transformer.<CLIP path>`.
-COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
 COMFY_CLIPS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ..lora.state import Adapter
 
@@ -59,6 +60,34 @@ def build_metadata(adapter: Adapter, arch: str, name: str, prediction: str = "ep
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def training_metadata(cfg, model_name: str, examples: list[tuple], step: int, epoch: int, started: str) -> dict:
+    """kohya's ss_* record of a training run (FORMATS.md §4.1); examples are (path, caption) pairs."""
+    tags: dict[str, int] = {}
+    for _, caption in examples:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    extra = {
+        "ss_sd_model_name": model_name,
+        "ss_num_train_images": str(len({path for path, _ in examples})),
+        "ss_steps": str(step), "ss_epoch": str(epoch),
+        "ss_learning_rate": str(cfg.lr), "ss_unet_lr": str(cfg.lr),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.lr) if cfg.train_text_encoder else "0",
+        "ss_optimizer": cfg.optimizer, "ss_seed": str(cfg.seed), "ss_mixed_precision": cfg.mixed_precision,
+        "ss_lr_scheduler": cfg.lr_scheduler, "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_training_started_at": started, "ss_training_finished_at": datetime.now(timezone.utc).isoformat(),
+        "ss_tag_frequency": {Path(cfg.data).name: tags},
+    }
+    if cfg.trigger:
+        extra["modelspec.trigger_phrase"] = cfg.trigger
+    return extra
+
+
+def resized_metadata(metadata: dict[str, str], rank: int) -> dict[str, str]:
+    """A file's metadata after its rank was changed to `rank` (alpha = rank, scale 1 kept in the tensors)."""
+    return {**metadata, "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank))}
 
 
 def arch_from_metadata(metadata: dict[str, str]) -> str | None:

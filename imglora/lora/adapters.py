@@ -6,16 +6,17 @@ separate text-encoder weight (as A1111's te/unet multipliers), and can be set pe
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 from torch import nn
 
-from .inject import find, text_encoder_targets, unet_targets, unwrap, wrap
+from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
 from .layer import LoraLayer
 from .state import COMPONENTS, Adapter, LoraModule, split_component
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # also the app's rule for names in requests
 
 
 class AdapterError(ValueError):
@@ -43,7 +44,7 @@ class Adapters:
         return keys
 
     def _check_new(self, name: str) -> None:
-        if not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise AdapterError(f"adapter name {name!r} must be 1-100 letters, digits, '_' or '-'")
         if name in self.names:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
@@ -117,8 +118,7 @@ class Adapters:
         for key, layer in self.layers.items():
             if name in layer.weights:
                 is_te = not key.startswith("unet.")
-                layer.weights[name] = float(te_weight if (is_te and te_weight is not None) else weight)
-                layer._changed()
+                layer.set_weight(name, te_weight if (is_te and te_weight is not None) else weight)
         self._remerge()
 
     def weights(self) -> dict[str, float]:
@@ -132,8 +132,7 @@ class Adapters:
         self._known(name)
         for layer in self.layers.values():
             if name in layer.enabled:
-                layer.enabled[name] = on
-                layer._changed()
+                layer.enable(name, on)
         self._remerge()
 
     def set_sample_weights(self, rows: list[dict[str, float]] | None) -> None:
@@ -145,19 +144,17 @@ class Adapters:
             self._known(n)
         for layer in self.layers.values():
             if rows is None:
-                layer.sample_weights, layer.sample_names = None, []
+                layer.set_sample_weights([], None)
                 continue
             present = [n for n in names if n in layer.A]
-            layer.sample_names = present
             # A layer holding none of them gets a (n, 0) table: the base for every sample.
-            layer.sample_weights = torch.tensor([[float(row.get(n, 0.0)) for n in present] for row in rows]).reshape(
-                len(rows), len(present))
-            layer._changed()
+            layer.set_sample_weights(present, torch.tensor([[float(row.get(n, 0.0)) for n in present]
+                                                            for row in rows]).reshape(len(rows), len(present)))
 
     def changed(self) -> None:
         """Adapter tensors were updated in place (an optimizer step): rebuild the inference caches."""
         for layer in self.layers.values():
-            layer._changed()
+            layer.changed()
 
     def merge(self) -> None:
         """Fold the current blend into the base weights: no per-step cost until the blend changes."""
@@ -200,6 +197,20 @@ class Adapters:
                 m = layer.module(name)
                 modules[key] = LoraModule(m.A.float().cpu().clone(), m.B.float().cpu().clone(), m.alpha)
         return Adapter(modules)
+
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """The components with their original modules in place of the wrappers (to save them as plain
+        modules, with the blend merged in first); the wrappers go back afterwards."""
+        for key in self.layers:
+            component, path = split_component(key)
+            unwrap(self.components[component], path)
+        try:
+            yield
+        finally:
+            for key, layer in self.layers.items():
+                component, path = split_component(key)
+                put_back(self.components[component], path, layer)
 
     def remove(self, name: str) -> None:
         self._known(name)

@@ -73,24 +73,24 @@ def find(root: nn.Module, path: str) -> nn.Module:
 
 def wrap(root: nn.Module, path: str) -> LoraLayer:
     """Replace root.<path> by a LoraLayer around it (or return the one already there)."""
-    path = live_path(root, path)
-    module = root.get_submodule(path)
+    module = find(root, path)
     if isinstance(module, LoraLayer):
         return module
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{path} is a {type(module).__name__}, not a Linear or Conv2d")
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
     layer = LoraLayer(module)
-    setattr(parent, child, layer)
+    put_back(root, path, layer)
     return layer
 
 
 def unwrap(root: nn.Module, path: str) -> None:
     """Put the original module back in place of the LoraLayer at root.<path>."""
-    path = live_path(root, path)
-    module = root.get_submodule(path)
+    module = find(root, path)
     if isinstance(module, LoraLayer):
-        parent_path, _, child = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        setattr(parent, child, module.base)
+        put_back(root, path, module.base)
+
+
+def put_back(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Set root.<path> (a canonical path) to `module`."""
+    parent_path, _, child = live_path(root, path).rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)

@@ -99,7 +99,7 @@ class LoraLayer(nn.Module):
         self.weights.setdefault(name, 1.0)
         self.enabled[name] = True
         self.dropouts[name] = dropout
-        self._changed()
+        self.changed()
 
     def remove(self, name: str) -> None:
         for d in (self.A, self.B):
@@ -107,7 +107,7 @@ class LoraLayer(nn.Module):
                 del d[name]
         for d in (self.alphas, self.weights, self.enabled, self.dropouts):
             d.pop(name, None)
-        self._changed()
+        self.changed()
 
     def module(self, name: str) -> LoraModule:
         return LoraModule(self.A[name].detach(), self.B[name].detach(), self.alphas[name])
@@ -117,9 +117,23 @@ class LoraLayer(nn.Module):
             return self.sample_names
         return [n for n in self.A.keys() if self.enabled[n] and self.weights[n] != 0.0]
 
-    def _changed(self) -> None:
-        """Call after changing weights, adapters or (in place) their tensors: inference caches rebuild."""
+    def changed(self) -> None:
+        """Call after changing adapter tensors in place (an optimizer step): inference caches rebuild."""
         self._cache = None
+
+    # The blend: only these write weights, enabled and the per-sample table, so the caches stay right.
+    def set_weight(self, name: str, weight: float) -> None:
+        self.weights[name] = float(weight)
+        self.changed()
+
+    def enable(self, name: str, on: bool = True) -> None:
+        self.enabled[name] = bool(on)
+        self.changed()
+
+    def set_sample_weights(self, names: list[str], table: torch.Tensor | None) -> None:
+        """table: (n_samples, len(names)) multipliers, one row per sample; None clears it."""
+        self.sample_names, self.sample_weights = (list(names), table) if table is not None else ([], None)
+        self.changed()
 
     # -- math -----------------------------------------------------------------------------------
     def delta(self, names: list[str] | None = None) -> torch.Tensor:

@@ -13,29 +13,6 @@ from ..errors import ImgloraError
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-def pipeline_arch(pipe) -> tuple[str, str]:
-    """(arch, prediction type): sd1, sd2 or sdxl; epsilon or v_prediction."""
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl", prediction
-    cfg = pipe.unet.config
-    sd2 = cfg.cross_attention_dim == 1024 or (cfg.use_linear_projection and cfg.cross_attention_dim != 768)
-    return ("sd2" if sd2 else "sd1"), prediction
-
-
-def layers_per_block(unet) -> int:
-    lpb = unet.config.layers_per_block
-    return lpb if isinstance(lpb, int) else lpb[0]
-
-
-def model_defaults(pipe) -> dict:
-    """Generation defaults a model folder may carry in imglora.json (the embedded model does)."""
-    path = getattr(pipe, "_imglora_path", None)
-    if path and (Path(path) / "imglora.json").is_file():
-        return json.loads((Path(path) / "imglora.json").read_text())
-    return {}
-
-
 def native_resolution(model: str | os.PathLike | None, config: str | os.PathLike | None = None) -> int | None:
     """The model's training resolution from its config files alone (no weights are read)."""
     path = resolve_model(model)
@@ -74,7 +51,6 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str = "cpu", d
         pipe = _load_folder(path)
     else:
         pipe = _load_single_file(path, config)
-    pipe._imglora_path = str(path)
     return pipe.to(device, dtype) if dtype != torch.float32 else pipe.to(device)
 
 

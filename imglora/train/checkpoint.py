@@ -8,14 +8,13 @@ after a new one is complete (RELIABILITY.md T1-T5, T10).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import ImgloraError
-from ..formats.files import TMP_MARK, read_safetensors, write_safetensors
+from ..formats.files import TMP_MARK, atomic_dir, read_safetensors, write_safetensors
 
 MARKER = "COMPLETE"
 
@@ -42,40 +41,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, state: dict,
                     keep_last: int) -> Path:
     """Write step-NNNNNNN/ atomically, then prune all but the newest `keep_last` complete ones."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}{TMP_MARK}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # A checkpoint of the same step from an earlier, resumed run is replaced.
+    with atomic_dir(final, replace=True) as tmp:
         write_safetensors(tmp / "adapter.safetensors", adapter)
         opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         state = dict(state, optimizer=opt_info)
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
         (tmp / MARKER).write_text(str(step))
-        _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, resumed run
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

@@ -24,9 +24,10 @@ from ..config import TrainConfig, to_dict
 from ..errors import ImgloraError
 from ..formats.files import atomic_write, clean_temp_files
 from ..formats.lora_file import load_adapter, save_adapter
-from ..formats.metadata import build_metadata
+from ..formats.metadata import build_metadata, training_metadata
 from ..lora.adapters import Adapters
-from ..models.load import layers_per_block, load_pipeline, native_resolution, pipeline_arch
+from ..models.load import native_resolution
+from ..pipeline import load_model
 from . import checkpoint as ckpt
 from .data import LatentCache, TrainData, bucket_histogram, build_data, encode_images, pixels, shuffle_caption, \
     vae_fingerprint
@@ -97,8 +98,8 @@ class Trainer:
     # -- Models ---------------------------------------------------------------------------------
     def _load_models(self):
         cfg, device = self.cfg, self.acc.device
-        self.pipe = load_pipeline(cfg.model, config=cfg.model_config)
-        self.arch, self.prediction = pipeline_arch(self.pipe)
+        self.model = load_model(cfg.model, config=cfg.model_config)
+        self.pipe, self.arch, self.prediction = self.model.pipe, self.model.arch, self.model.prediction
         self.dtype = DTYPES[cfg.mixed_precision]
         self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m]
         for m in [self.pipe.unet, self.pipe.vae, *self.text_encoders]:
@@ -347,7 +348,7 @@ class Trainer:
             self.pipe.unet.eval()
             self.pipe.to(self.acc.device)
             with self.acc.autocast():
-                path = render_samples(self.pipe, self.adapters, NAME, prompts, self.out / "samples", self.step,
+                path = render_samples(self.model, self.adapters, NAME, prompts, self.out / "samples", self.step,
                                       cfg.seed, cfg.sample_steps, cfg.sample_guidance)
             self.say(f"samples: {path}")
         except Exception as e:  # a failed sample must never cost the run (RELIABILITY.md T8)
@@ -397,27 +398,11 @@ class Trainer:
         cfg = self.cfg
         adapter = self.adapters.export(NAME)
         adapter.arch = self.arch
-        tags: dict[str, int] = {}
-        for e in self.data.examples:
-            for tag in (t.strip() for t in e.caption.split(",")):
-                if tag:
-                    tags[tag] = tags.get(tag, 0) + 1
-        extra = {
-            "ss_sd_model_name": Path(str(getattr(self.pipe, "_imglora_path", "") or "embedded")).name,
-            "ss_num_train_images": str(len({e.path for e in self.data.examples})),
-            "ss_steps": str(self.step), "ss_epoch": str(self.step * cfg.grad_accum * self.world // self.batches_per_epoch),
-            "ss_learning_rate": str(cfg.lr), "ss_unet_lr": str(cfg.lr),
-            "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.lr) if cfg.train_text_encoder else "0",
-            "ss_optimizer": cfg.optimizer, "ss_seed": str(cfg.seed), "ss_mixed_precision": cfg.mixed_precision,
-            "ss_lr_scheduler": cfg.lr_scheduler, "ss_batch_size_per_device": str(cfg.batch_size),
-            "ss_training_started_at": started, "ss_training_finished_at": datetime.now(timezone.utc).isoformat(),
-            "ss_tag_frequency": {Path(cfg.data).name: tags},
-        }
-        if cfg.trigger:
-            extra["modelspec.trigger_phrase"] = cfg.trigger
+        extra = training_metadata(cfg, self.model.name, [(e.path, e.caption) for e in self.data.examples], self.step,
+                                  self.step * cfg.grad_accum * self.world // self.batches_per_epoch, started)
         meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
-        lpb = layers_per_block(self.pipe.unet)
+        lpb = self.model.layers_per_block
         path = save_adapter(self.final, adapter, fmt=cfg.save_format, metadata=meta,
                             overwrite=True, layers_per_block=lpb, dtype=dtype)
         # Self-test: the written file parses back to exactly the modules we trained (ANCHORS.md §3.1).

@@ -44,16 +44,16 @@ class RunLog:
                 self.writer.close()
 
 
-def render_samples(pipe, adapters, name: str, prompts: list[str], folder: Path, step: int, seed: int,
+def render_samples(model, adapters, name: str, prompts: list[str], folder: Path, step: int, seed: int,
                    steps: int | None, guidance: float | None, weights=(0.0, 1.0)) -> Path:
     """For each prompt, the base and the adapter side by side (one batched pass per prompt), as one grid."""
     images, labels = [], []
     for prompt in prompts:
         args = GenerateArgs(prompt, seed=seed, steps=steps, guidance=guidance, blends=[{name: w} for w in weights])
-        row = generate(pipe, args, adapters)
+        row = generate(model, args, adapters)
         for w, image in zip(weights, row):
             save_png(image, folder / f"step-{step:07d}" / f"{len(images):02d}-w{w:g}.png",
-                     parameters_text(pipe, args, seed, {name: w}), overwrite=True)
+                     parameters_text(model, args, seed, {name: w}), overwrite=True)
             images.append(image)
             labels.append(f"w={w:g}")
     grid = image_grid(images, cols=len(weights), labels=labels, row_labels=[p[:40] for p in prompts])

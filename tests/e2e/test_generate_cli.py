@@ -60,20 +60,19 @@ def test_generate_equals_diffusers_with_the_same_adapters(model_and_loras, tmp_p
 
 
 def test_grid_of_blends_equals_single_generations(model_and_loras):
-    from imglora.formats.lora_file import attach
     from imglora.generate import GenerateArgs, generate
-    from imglora.models.load import load_pipeline
+    from imglora.pipeline import attach, load_model
 
-    model, (a, b) = model_and_loras
-    pipe = load_pipeline(model)
-    adapters = Adapters(pipe)
-    attach(adapters, a, name="a")
-    attach(adapters, b, name="b")
+    folder, (a, b) = model_and_loras
+    model = load_model(folder)
+    adapters = Adapters(model.pipe)
+    attach(model, adapters, a, name="a")
+    attach(model, adapters, b, name="b")
     blends = [{"a": 0.0, "b": 0.0}, {"a": 1.0}, {"a": 0.5, "b": 0.5}, {"b": -1.0}]
     args = dict(prompt="a red circle", seed=2, steps=2, guidance=3.0, width=32, height=32)
-    grid = generate(pipe, GenerateArgs(**args, blends=blends), adapters)
+    grid = generate(model, GenerateArgs(**args, blends=blends), adapters)
     for blend, image in zip(blends, grid):
         adapters.set_weight("a", blend.get("a", 0.0))
         adapters.set_weight("b", blend.get("b", 0.0))
-        alone = generate(pipe, GenerateArgs(**args), adapters)[0]
+        alone = generate(model, GenerateArgs(**args), adapters)[0]
         assert np.abs(np.asarray(image).astype(int) - np.asarray(alone).astype(int)).max() <= 1

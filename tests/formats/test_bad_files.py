@@ -90,23 +90,23 @@ def test_huge_header_length_is_rejected_without_reading(tmp_path):
 
 
 def test_wrong_shapes_and_wrong_base_are_refused(tmp_path, make_pipe):
-    from imglora.formats.lora_file import attach
     from imglora.lora.adapters import Adapters
+    from imglora.pipeline import attach, model_of
 
-    pipe = make_pipe("sd1")
-    adapters = Adapters(pipe)
+    model = model_of(make_pipe("sd1"))
+    adapters = Adapters(model.pipe)
     wrong_width = tmp_path / "wrong_width.safetensors"
     save_file(good_tensors(width=99), wrong_width)
     with pytest.raises(ImgloraError, match="does not fit this model.*do not fit"):
-        attach(adapters, wrong_width)
+        attach(model, adapters, wrong_width)
     unknown = tmp_path / "unknown_module.safetensors"
     save_file({k.replace("attn2_to_q", "attn9_to_q"): v for k, v in good_tensors().items()}, unknown)
     with pytest.raises(ImgloraError, match="does not exist"):
-        attach(adapters, unknown)
+        attach(model, adapters, unknown)
     sdxl = tmp_path / "sdxl.safetensors"
     save_file(good_tensors(), sdxl, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    with pytest.raises(ImgloraError, match="an adapter for SDXL, but the model is SD 1.x"):
-        attach(adapters, sdxl, model_arch="sd1")
+    with pytest.raises(ImgloraError, match="an adapter made for SDXL, the model is SD 1.x"):
+        attach(model, adapters, sdxl)
     assert adapters.names == [] and not adapters.layers
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from imglora.formats.lora_file import attach, load_adapter, save_adapter
+from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.formats.metadata import build_metadata
 from imglora.lora.adapters import Adapters
-from imglora.models.load import pipeline_arch
+from imglora.pipeline import attach, model_of
 
 ARGS = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=3.0, width=32, height=32, output_type="np")
 
@@ -53,7 +53,8 @@ def test_our_kohya_file_loads_in_diffusers(make_pipe, tmp_path, strict_diffusers
     base = run(reference)
     adapters = trained_adapter(ours, preset, te)
     adapter = adapters.export("mine")
-    adapter.arch, prediction = pipeline_arch(ours)
+    model = model_of(ours)
+    adapter.arch, prediction = model.arch, model.prediction
     path = tmp_path / "mine.safetensors"
     save_adapter(path, adapter, metadata=build_metadata(adapter, adapter.arch, "mine", prediction))
     adapters.set_weight("mine", 0.8)
@@ -95,7 +96,7 @@ def _peft_pipe(make_pipe, kind, alpha, seed=1):
 
 def _check_imglora_matches(make_pipe, path, expected, kind="sd1"):
     ours = make_pipe(kind)
-    attach(Adapters(ours), path, model_arch=pipeline_arch(ours)[0])
+    attach(model_of(ours), Adapters(ours), path)
     got = run(ours)
     assert np.allclose(expected, got, atol=2e-4), np.abs(expected - got).max()
 

@@ -49,8 +49,8 @@ def test_blend_equals_base_plus_weighted_deltas(kind):
     layer = LoraLayer(base)
     m1 = _random_adapter(layer, "one", 4, 2.0, 1)
     m2 = _random_adapter(layer, "two", 2, 8.0, 2)
-    layer.weights.update({"one": 0.7, "two": -0.4})
-    layer._changed()
+    layer.set_weight("one", 0.7)
+    layer.set_weight("two", -0.4)
     w = base.weight.detach() + 0.7 * m1.delta() + -0.4 * m2.delta()
     ref = nn.functional.linear(x, w, base.bias) if kind == "linear" else nn.functional.conv2d(
         x, w, base.bias, base.stride, base.padding)
@@ -69,15 +69,14 @@ def test_per_sample_weights_equal_separate_runs(kind):
     _random_adapter(layer, "two", 3, 3.0, 2)
     x = _input(kind, batch=6)  # 3 blends, batch doubled as classifier-free guidance does
     rows = [{"one": 1.0}, {"one": 0.5, "two": 0.5}, {"two": -1.0}]
-    layer.sample_names = ["one", "two"]
-    layer.sample_weights = torch.tensor([[r.get("one", 0.0), r.get("two", 0.0)] for r in rows])
+    layer.set_sample_weights(["one", "two"], torch.tensor([[r.get("one", 0.0), r.get("two", 0.0)] for r in rows]))
     with torch.no_grad():
         together = layer(x)
-    layer.sample_weights, layer.sample_names = None, []
+    layer.set_sample_weights([], None)
     for i in range(6):
         row = rows[i % 3]
-        layer.weights.update({"one": row.get("one", 0.0), "two": row.get("two", 0.0)})
-        layer._changed()
+        layer.set_weight("one", row.get("one", 0.0))
+        layer.set_weight("two", row.get("two", 0.0))
         with torch.no_grad():
             alone = layer(x[i:i + 1])
         assert torch.allclose(together[i:i + 1], alone, atol=1e-5)
@@ -96,7 +95,7 @@ def test_merge_then_unmerge_is_bit_identical(dtype):
         layer.merge()
         assert not torch.equal(base.weight, original)
         merged = layer(x)
-        layer.weights["a"] = 0.3
+        layer.set_weight("a", 0.3)
         layer.merge()  # a weight change re-merges from the exact original
         layer.unmerge()
     assert torch.equal(base.weight, original)

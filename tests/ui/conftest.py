@@ -76,14 +76,13 @@ def session(ui_files):
 @pytest.fixture(scope="session")
 def reference(ui_files):
     """The library alone: a second pipeline with style_a and style_b attached, for expected images."""
-    from imglora.formats.lora_file import attach
-    from imglora.models.load import load_pipeline
+    from imglora.pipeline import attach, load_model
 
-    pipe = load_pipeline(ui_files["model"])
-    adapters = Adapters(pipe)
+    model = load_model(ui_files["model"])
+    adapters = Adapters(model.pipe)
     for name in ("style_a", "style_b"):
-        attach(adapters, ui_files["adapters"] / f"{name}.safetensors", weight=0.0, name=name)
-    return pipe, adapters
+        attach(model, adapters, ui_files["adapters"] / f"{name}.safetensors", weight=0.0, name=name)
+    return model, adapters
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +108,7 @@ def expected(reference):
     """expected({"style_a": 0.8, ...}, prompt=..., seed=...) -> the library's own image for that blend."""
     from imglora.generate import GenerateArgs, generate
 
-    pipe, adapters = reference
+    model, adapters = reference
 
     def make(weights: dict, prompt: str = "a red circle", seed: int = 0, **kw):
         """weights: name -> weight, or name -> (weight, text-encoder weight)."""
@@ -118,7 +117,7 @@ def expected(reference):
             w, te = w if isinstance(w, tuple) else (w, None)
             adapters.set_weight(name, w, te)
         args = GenerateArgs(prompt, seed=seed, **{**SETTINGS, **kw})
-        return generate(pipe, args, adapters)[0]
+        return generate(model, args, adapters)[0]
 
     return make
 

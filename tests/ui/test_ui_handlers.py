@@ -151,7 +151,7 @@ def test_the_blend_exports_as_one_adapter_that_gives_the_same_image(session, exp
 
 def test_baking_saves_a_diffusers_folder_and_leaves_the_live_pipeline_as_it_was(session, expected):
     from imglora.generate import GenerateArgs, generate
-    from imglora.models.load import load_pipeline
+    from imglora.pipeline import load_model
     from ui.tabs.export import bake_model
 
     before, _, _ = run(session, {})
@@ -159,10 +159,10 @@ def test_baking_saves_a_diffusers_folder_and_leaves_the_live_pipeline_as_it_was(
     message = bake_model(session, blend_of(style_a=0.8, style_b=-0.5), "baked")
     folder = session.outputs / "models" / "baked"
     assert str(folder) in message and (folder / "model_index.json").is_file()
-    baked = load_pipeline(folder)
+    baked = load_model(folder)
     image = generate(baked, GenerateArgs("a red circle", seed=0, **SETTINGS))[0]
     assert same_image(image, expected({"style_a": 0.8, "style_b": -0.5}), tol=2)
-    assert not any("lora" in k.lower() or ".base." in k for k in baked.unet.state_dict())
+    assert not any("lora" in k.lower() or ".base." in k for k in baked.pipe.unet.state_dict())
     after, _, _ = run(session, {})
     assert same_image(after[0][0], before[0][0], tol=0) and len(session.adapters.layers) == n_layers
     items, _, _ = run(session, blend_of(style_a=0.8))  # the adapters are still loaded and work
@@ -277,7 +277,8 @@ def test_sdxl_pipelines_blend_the_same_way(tmp_path):
 
     import torch
 
-    from imglora.formats.lora_file import attach, save_adapter
+    from imglora.formats.lora_file import save_adapter
+    from imglora.pipeline import attach, model_of
     from imglora.generate import GenerateArgs, generate
     from imglora.lora.adapters import Adapters
     from imglora.models.tiny import tiny_sdxl_pipeline
@@ -292,11 +293,11 @@ def test_sdxl_pipelines_blend_the_same_way(tmp_path):
     adapter = adapters.export("x")
     adapter.arch = "sdxl"
     save_adapter(tmp_path / "adapters" / "xl.safetensors", adapter, layers_per_block=2)
-    session = Session(pipe, tmp_path / "adapters", tmp_path / "outputs")
+    session = Session(model_of(pipe), tmp_path / "adapters", tmp_path / "outputs")
     items, _, text = run(session, blend_of(xl=(0.7, 0.4)))
     ref = Adapters(reference)
-    attach(ref, tmp_path / "adapters" / "xl.safetensors", weight=0.7, te_weight=0.4, name="xl", model_arch="sdxl")
-    want = generate(reference, GenerateArgs("a red circle", seed=0, **SETTINGS), ref)[0]
+    attach(model_of(reference), ref, tmp_path / "adapters" / "xl.safetensors", weight=0.7, te_weight=0.4, name="xl")
+    want = generate(model_of(reference), GenerateArgs("a red circle", seed=0, **SETTINGS), ref)[0]
     assert same_image(items[0][0], want) and "<lora:xl:0.4:0.7>" in text
 
 

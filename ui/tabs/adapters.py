@@ -14,8 +14,9 @@ import gradio as gr
 
 from imglora.errors import ImgloraError
 from imglora.formats.files import TMP_MARK
-from imglora.formats.lora_file import ARCH_NAMES, adapter_name, load_adapter
-from imglora.models.load import layers_per_block
+from imglora.formats.detect import ARCH_NAMES, check_arch
+from imglora.formats.lora_file import load_adapter
+from imglora.pipeline import adapter_name
 
 from ..blend import WEIGHT_LIMIT, active_weights, prune, set_adapter, summary
 from ..catalogue import SUFFIX, Catalogue
@@ -89,13 +90,10 @@ def upload_adapter(session: Session, file) -> str:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
             shutil.copyfileobj(f, out)
         try:
-            adapter, _ = load_adapter(tmp, layers_per_block(session.pipe.unet))  # the strict reader, F1-F5
+            adapter, _ = load_adapter(tmp, session.model.layers_per_block)  # the strict reader, F1-F5
         except ImgloraError as e:
             raise ImgloraError(e.what, e.fix, path=original) from None
-        if adapter.arch not in ("unknown", session.arch):
-            raise ImgloraError(f"made for {ARCH_NAMES.get(adapter.arch, adapter.arch)}, the model is "
-                               f"{ARCH_NAMES.get(session.arch, session.arch)}",
-                               "upload an adapter trained for this base model", path=original)
+        check_arch(adapter.arch, session.arch, original)
         name = adapter_name(original, session.catalogue.names(usable_only=False))
         target = folder / f"{name}{SUFFIX}"
         try:

@@ -69,9 +69,9 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
     swept.update(base)
     rows = grid_blends(base, x_name, xs, y_name, ys)
     args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, blends=rows)
-    with session.using(swept, scheduler=scheduler, sample_rows=True) as pipe:
-        images = generate(pipe, args, session.adapters)
-        params = parameters_text(pipe, replace(args, prompt=f"{text} {lora_tags(base)}".strip()), seed, blend={})
+    with session.using(swept, scheduler=scheduler, sample_rows=True) as model:
+        images = generate(model, args, session.adapters)
+        params = parameters_text(model, replace(args, prompt=f"{text} {lora_tags(base)}".strip()), seed, blend={})
     labels = [f"{x_name} {r[x_name]:g}" for r in rows]
     row_labels = [f"{y_name} {y:g}" for y in ys] if y_name else None
     grid = image_grid(images, len(xs), labels, row_labels)

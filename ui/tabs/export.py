@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from functools import partial
-from pathlib import Path
 
 import gradio as gr
 
 from imglora.errors import ImgloraError
-from imglora.formats.files import TMP_MARK
 from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.formats.metadata import build_metadata
-from imglora.lora.inject import unwrap
-from imglora.lora.state import Adapter, split_component
-from imglora.models.load import layers_per_block
+from imglora.lora.state import Adapter
+from imglora.ops.bake import save_baked
 from imglora.ops.merge import merge
 
 from ..blend import active_weights
@@ -34,13 +28,18 @@ def _parts(adapter: Adapter, weight: float, te_weight: float | None) -> list[tup
     return [(Adapter(unet, {}, adapter.arch), weight), (Adapter(te, {}, adapter.arch), te_weight)]
 
 
-def export_adapter(session: Session, blend: dict | None, name: str, method: str = "exact", rank=None,
-                   fmt: str = "kohya") -> str:
-    """Save the blend as `<adapters folder>/<name>.safetensors`: exact concatenation or SVD to `rank`."""
+def _named_blend(session: Session, blend: dict | None, name: str) -> tuple[str, dict]:
     name = check_name(name)
     weights = active_weights(session.catalogue, blend)
     if not weights:
         raise ImgloraError("the blend is empty", "enable at least one adapter first")
+    return name, weights
+
+
+def export_adapter(session: Session, blend: dict | None, name: str, method: str = "exact", rank=None,
+                   fmt: str = "kohya") -> str:
+    """Save the blend as `<adapters folder>/<name>.safetensors`: exact concatenation or SVD to `rank`."""
+    name, weights = _named_blend(session, blend, name)
     if fmt not in ("kohya", "diffusers"):
         raise ImgloraError(f"unknown format {fmt!r}", "choose kohya or diffusers")
     target = session.catalogue.folder / f"{name}.safetensors"
@@ -53,7 +52,7 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
         svd_rank = int(rank or 0)
         if not 1 <= svd_rank <= 1024:
             raise ImgloraError(f"rank {rank} is out of range", "use a rank from 1 to 1024")
-    lpb = layers_per_block(session.pipe.unet)
+    lpb = session.model.layers_per_block
     parts, sources = [], []
     for n, (w, te) in weights.items():
         entry = session.catalogue.get(n)
@@ -77,41 +76,16 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
 
 
 def bake_model(session: Session, blend: dict | None, name: str) -> str:
-    """Fold the blend into the base weights and save the pipeline as `<outputs>/models/<name>` (diffusers).
-
-    The live pipeline is left as it was: the LoRA wrappers are swapped out only while saving (so the
-    folder has the plain module names), then put back, and the exact base weights are restored.
-    """
-    name = check_name(name)
-    weights = active_weights(session.catalogue, blend)
-    if not weights:
-        raise ImgloraError("the blend is empty", "enable at least one adapter first")
+    """Fold the blend into the base weights and save the pipeline as `<outputs>/models/<name>` (diffusers)."""
+    name, weights = _named_blend(session, blend, name)
     target = session.outputs / "models" / name
     if target.exists():
         raise ImgloraError("already exists", "choose another name", path=target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TMP_MARK}", dir=target.parent))
-    try:
-        with session.using(weights, merge=True) as pipe:
-            swapped = []
-            try:
-                for key, layer in session.adapters.layers.items():
-                    component, path = split_component(key)
-                    root = session.adapters.components[component]
-                    unwrap(root, path)
-                    swapped.append((root, path, layer))
-                pipe.save_pretrained(tmp, safe_serialization=True)
-            finally:
-                for root, path, layer in swapped:
-                    parent_path, _, child = path.rpartition(".")
-                    setattr(root.get_submodule(parent_path) if parent_path else root, child, layer)
+    with session.using(weights, merge=True):
+        try:
+            save_baked(session.model, session.adapters, target)
+        finally:
             session.unmerge()  # the exact base weights again; the adapters stay loaded
-        source = Path(getattr(pipe, "_imglora_path", "") or "")
-        if (source / "imglora.json").is_file():  # the model's generation defaults travel with it
-            shutil.copy2(source / "imglora.json", tmp / "imglora.json")
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return f"Saved the base model with the blend baked in to {target} (a diffusers folder)."
 
 

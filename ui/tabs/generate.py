@@ -56,11 +56,11 @@ def run_generate(session: Session, blend: dict | None, prompt: str, negative: st
     text, prompt_loras = parse_prompt(prompt)
     weights = active_weights(session.catalogue, blend, prompt_loras)
     args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, batch=batch)
-    with session.using(weights, merge=merge, scheduler=scheduler) as pipe:
-        images = generate(pipe, args, session.adapters)
+    with session.using(weights, merge=merge, scheduler=scheduler) as model:
+        images = generate(model, args, session.adapters)
         # parameters_text reads the scheduler's name, so it is written while this one is set.
         tagged = replace(args, prompt=f"{text} {lora_tags(weights)}".strip())
-        texts = [parameters_text(pipe, tagged, seed + i, blend={}) for i in range(len(images))]
+        texts = [parameters_text(model, tagged, seed + i, blend={}) for i in range(len(images))]
     items = []
     for i, (image, params) in enumerate(zip(images, texts)):
         path = session.save_image(image, params)
@@ -69,7 +69,7 @@ def run_generate(session: Session, blend: dict | None, prompt: str, negative: st
 
 
 def defaults(session: Session) -> GenerateArgs:
-    return resolved(session.pipe, GenerateArgs(""))
+    return resolved(session.model, GenerateArgs(""))
 
 
 def create_ui(session: Session, blend: gr.State):
