@@ -7,7 +7,7 @@ by string replacement, so names are parsed with the vocabulary of compound words
 
 from __future__ import annotations
 
-import re
+import functools
 
 import torch
 
@@ -46,84 +46,64 @@ def parse_name(name: str) -> str:
 # -- SDXL block names (FORMATS.md §1.3-1.4) -------------------------------------------------------
 RESNET_TO_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
                  "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-SGM_TO_RESNET = {v: k for k, v in RESNET_TO_SGM.items()}
 TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
               "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-SGM_TO_TOP = {v: k for k, v in TOP_TO_SGM.items()}
 
 
-def _resnet_inner(rest: str, table: dict) -> str:
-    for a, b in table.items():
-        if rest == a or rest.startswith(a + "."):
-            return b + rest[len(a):]
-    return rest
+MAX_BLOCKS = 4  # SD 1.x/2.x have four down and up blocks, SDXL three
+
+
+@functools.cache
+def _block_tables(layers_per_block: int) -> tuple[dict, dict]:
+    """{diffusers prefix: (sgm prefix, inner renames)} and its inverse, built once from one list, so the
+    two directions are inverses by construction (FORMATS.md §1.4)."""
+    n = layers_per_block + 1
+    rows = [(d, s, {}) for d, s in TOP_TO_SGM.items()]
+    rows += [("mid_block.resnets.0", "middle_block.0", RESNET_TO_SGM), ("mid_block.attentions.0", "middle_block.1", {}),
+             ("mid_block.resnets.1", "middle_block.2", RESNET_TO_SGM)]
+    for i in range(MAX_BLOCKS):
+        for j in range(layers_per_block):
+            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{i * n + j + 1}.0", RESNET_TO_SGM))
+            rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{i * n + j + 1}.1", {}))
+        rows.append((f"down_blocks.{i}.downsamplers.0", f"input_blocks.{(i + 1) * n}.0", {"conv": "op"}))
+        for j in range(n):
+            rows.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{i * n + j}.0", RESNET_TO_SGM))
+            rows.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{i * n + j}.1", {}))
+        # Slot 2 sits behind an attention; an up block without one (SD 1.x's first) has its upsampler in
+        # slot 1. Only SDXL files are written with these names, and its upsampling blocks have attentions.
+        rows.append((f"up_blocks.{i}.upsamplers.0", f"output_blocks.{i * n + layers_per_block}.2", {}))
+    to_sgm = {d: (s, inner) for d, s, inner in rows}
+    to_diffusers = {s: (d, {v: k for k, v in inner.items()}) for d, s, inner in rows}
+    for i in range(MAX_BLOCKS):  # read-only alias: the slot-1 upsampler of original SD 1.x checkpoints
+        to_diffusers[f"output_blocks.{i * n + layers_per_block}.1.conv"] = (f"up_blocks.{i}.upsamplers.0.conv", {})
+    return to_sgm, to_diffusers
+
+
+def _rename(path: str, table: dict) -> str:
+    """Rename the longest prefix of `path` found in `table`, then the part after it."""
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        hit = table.get(".".join(parts[:k]))
+        if hit:
+            prefix, inner = hit
+            rest = ".".join(parts[k:])
+            for a, b in inner.items():
+                if rest == a or rest.startswith(a + "."):
+                    rest = b + rest[len(a):]
+                    break
+            return f"{prefix}.{rest}" if rest else prefix
+    return path
 
 
 def diffusers_to_sgm(path: str, layers_per_block: int = 2) -> str:
     """A diffusers UNet module path in original-SD (sgm) block names."""
-    n = layers_per_block + 1
-    for a, b in TOP_TO_SGM.items():
-        if path == a:
-            return b
-    m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "downsamplers":
-            return f"input_blocks.{(i + 1) * n}.0.{'op' if rest == 'conv' else rest}"
-        idx = i * n + j + 1
-        return f"input_blocks.{idx}.0.{_resnet_inner(rest, RESNET_TO_SGM)}" if kind == "resnets" \
-            else f"input_blocks.{idx}.1.{rest}"
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
-    if m:
-        kind, j, rest = m[1], int(m[2]), m[3]
-        if kind == "attentions":
-            return f"middle_block.1.{rest}"
-        return f"middle_block.{2 * j}.{_resnet_inner(rest, RESNET_TO_SGM)}"
-    m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", path)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "upsamplers":
-            # Slot 2 sits behind an attention (slot 1 would be a block without one); every SDXL-style
-            # up block that has an upsampler also has attentions, and only SDXL uses these names.
-            return f"output_blocks.{i * n + layers_per_block}.2.{rest}"
-        idx = i * n + j
-        return f"output_blocks.{idx}.0.{_resnet_inner(rest, RESNET_TO_SGM)}" if kind == "resnets" \
-            else f"output_blocks.{idx}.1.{rest}"
-    return path
+    return _rename(path, _block_tables(layers_per_block)[0])
 
 
 def sgm_to_diffusers(path: str, layers_per_block: int = 2) -> str:
     """The inverse of diffusers_to_sgm."""
-    n = layers_per_block + 1
-    for a, b in SGM_TO_TOP.items():
-        if path == a:
-            return b
-    m = re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)", path)
-    if m:
-        idx, slot, rest = int(m[1]), int(m[2]), m[3]
-        if idx % n == 0:
-            return f"down_blocks.{idx // n - 1}.downsamplers.0.{'conv' if rest == 'op' else rest}"
-        i, j = divmod(idx - 1, n)
-        if slot == 0:
-            return f"down_blocks.{i}.resnets.{j}.{_resnet_inner(rest, SGM_TO_RESNET)}"
-        return f"down_blocks.{i}.attentions.{j}.{rest}"
-    m = re.match(r"middle_block\.(\d+)\.(.+)", path)
-    if m:
-        slot, rest = int(m[1]), m[2]
-        if slot == 1:
-            return f"mid_block.attentions.0.{rest}"
-        return f"mid_block.resnets.{slot // 2}.{_resnet_inner(rest, SGM_TO_RESNET)}"
-    m = re.match(r"output_blocks\.(\d+)\.(\d+)\.(.+)", path)
-    if m:
-        idx, slot, rest = int(m[1]), int(m[2]), m[3]
-        i, j = divmod(idx, n)
-        if slot == 0:
-            return f"up_blocks.{i}.resnets.{j}.{_resnet_inner(rest, SGM_TO_RESNET)}"
-        if slot == 2 or rest == "conv" or rest.startswith("conv."):
-            return f"up_blocks.{i}.upsamplers.0.{rest}"
-        return f"up_blocks.{i}.attentions.{j}.{rest}"
-    return path
+    return _rename(path, _block_tables(layers_per_block)[1])
 
 
 # -- whole files ----------------------------------------------------------------------------------
