@@ -83,7 +83,7 @@ def stats_command(args) -> int:
 
 
 def caption_command(args) -> int:
-    from .caption import Edits, apply, diff, plan, restore
+    from .caption import Edits, plan, restore
 
     if args.restore:
         restored = restore(args.dir, args.restore)
@@ -102,15 +102,23 @@ def caption_command(args) -> int:
     if edits.is_empty():
         raise ImgloraError("nothing to do", "give --trigger, --replace, --remove, --dedupe or --create-missing")
     changes, notes = plan(args.dir, edits, args.extension)
+    return _preview_or_apply(args.dir, changes, notes, args.dry_run, "caption file(s)")
+
+
+def _preview_or_apply(folder, changes, notes, dry_run: bool, what: str) -> int:
+    """Print the notes, then either the diff (dry run) or apply the changes with a backup of every file
+    they replace; `imglora-data caption --restore` undoes either command."""
+    from .caption import apply, diff
+
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.dry_run:
-        sys.stdout.write(diff(changes, args.dir))
-        print(f"{len(changes)} caption file(s) would change (dry run: nothing written)", file=sys.stderr)
+    if dry_run:
+        sys.stdout.write(diff(changes, folder))
+        print(f"{len(changes)} {what} would change (dry run: nothing written)", file=sys.stderr)
         return 0
-    backup = apply(args.dir, changes)
-    print(f"{len(changes)} caption file(s) changed" + (f"; originals in {backup} (undo: imglora-data caption "
-          f"{args.dir} --restore {backup})" if backup else ""), file=sys.stderr)
+    backup = apply(folder, changes)
+    print(f"{len(changes)} {what} changed" + (f"; originals in {backup} (undo: imglora-data caption "
+          f"{folder} --restore {backup})" if backup else ""), file=sys.stderr)
     return 0
 
 
@@ -127,7 +135,6 @@ def resize_command(args) -> int:
 
 
 def convert_command(args) -> int:
-    from .caption import apply, diff
     from .convert import convert, copy_dataset
 
     if args.out:
@@ -135,15 +142,7 @@ def convert_command(args) -> int:
         print(f"{len(written)} file(s) written to {args.out}", file=sys.stderr)
         return 0
     changes, notes = convert(args.dir, args.to, one_file=args.one_file, overwrite=args.overwrite)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    if args.dry_run:
-        sys.stdout.write(diff(changes, args.dir))
-        print(f"{len(changes)} file(s) would be written (dry run)", file=sys.stderr)
-        return 0
-    backup = apply(args.dir, changes)
-    print(f"{len(changes)} file(s) written" + (f"; backup and list in {backup}" if backup else ""), file=sys.stderr)
-    return 0
+    return _preview_or_apply(args.dir, changes, notes, args.dry_run, "file(s)")
 
 
 def synth_command(args) -> int:

@@ -1,28 +1,14 @@
 """The trainer's pre-training scan (RELIABILITY.md I8): bad files listed with reasons, the rest usable, nothing written."""
 
-import hashlib
 import io
 import os
 
+from helpers import tree_hash
 from PIL import Image
 
 from imglora.data.captions import Item, collect_items
 from imglora.data.scan import scan_items
 from imglora.data.synth import synth_shapes
-
-
-def tree_hash(root) -> str:
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            h.update(f"{p}|{st.st_mode}|{st.st_mtime_ns}".encode())
-            if os.path.isfile(p) and not os.path.islink(p):
-                with open(p, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
 
 
 def test_one_bad_image_in_100_is_listed_and_99_remain(tmp_path):

@@ -3,6 +3,7 @@
 import logging
 
 import numpy as np
+from helpers import random_adapters
 import pytest
 import torch
 
@@ -34,13 +35,8 @@ def strict_diffusers_logs(caplog):
 
 
 def trained_adapter(pipe, preset, text_encoder, rank=4, alpha=2.0, seed=0):
-    adapters = Adapters(pipe)
-    params = adapters.create("mine", adapters.targets(preset, text_encoder=text_encoder), rank=rank, alpha=alpha,
-                             conv_rank=2, conv_alpha=1.0)
-    g = torch.Generator().manual_seed(seed)
-    for p in params:  # B = 0 would make every comparison trivially equal
-        p.data = torch.randn(p.shape, generator=g) * 0.3
-    return adapters
+    return random_adapters(pipe, preset, text_encoder, rank=rank, alpha=alpha, seed=seed, scale=0.3, name="mine",
+                           conv_rank=2, conv_alpha=1.0)
 
 
 CASES = [("sd1", "cross-attn", True), ("sd1", "transformer", False), ("sd1", "conv", True),

@@ -2,6 +2,7 @@
 
 import json
 
+import helpers
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,22 +11,14 @@ from imglora.cli import main
 from imglora.formats.diffusers import installed_path
 from imglora.formats.files import read_safetensors
 from imglora.formats.lora_file import load_adapter, save_adapter
-from imglora.lora.adapters import Adapters
 from imglora.lora.state import Adapter, LoraModule
 from imglora.ops.merge import concatenate, merge
 from imglora.ops.resize import resize, truncate
 
 
 def random_adapter(make_pipe, kind="sd1", preset="conv", rank=4, alpha=2.0, seed=0) -> Adapter:
-    adapters = Adapters(make_pipe(kind))
-    params = adapters.create("a", adapters.targets(preset, text_encoder=True), rank=rank, alpha=alpha,
-                             conv_rank=2, conv_alpha=3.0)
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.data = torch.randn(p.shape, generator=g)
-    adapter = adapters.export("a")
-    adapter.arch = "sdxl" if kind == "sdxl" else kind
-    return adapter
+    return helpers.random_adapter(make_pipe(kind), preset, True, arch=kind, rank=rank, alpha=alpha, seed=seed,
+                                  conv_rank=2, conv_alpha=3.0)
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import train_flags
+
 from imglora.cli import main
 from imglora.data.synth import synth_shapes
 
-FAST = ["--resolution", "32", "--bucket-step", "16", "--rank", "4", "--batch-size", "2", "--lr", "3e-3",
-        "--save-precision", "fp32", "--workers", "1"]
+FAST = train_flags(batch_size=2)
 
 
 @pytest.fixture(scope="module")

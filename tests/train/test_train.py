@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import train_flags
+
 from imglora.cli import main
 from imglora.data.synth import synth_shapes
 
-FAST = ["--resolution", "32", "--bucket-step", "16", "--rank", "4", "--batch-size", "4", "--lr", "3e-3",
-        "--save-precision", "fp32", "--workers", "1"]
+FAST = train_flags()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_loss_goes_down_and_the_file_works_in_diffusers(model_dir, shapes, tmp_p
     out = tmp_path / "run"
     # A random tiny UNet learns fastest through its convolutions (LoCon); the file also carries TE layers.
     assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 60, "--targets", "conv",
-                     "--train-text-encoder", "--sample-prompt", "a red circle", "--sample-steps", 2, *FAST[:-6],
-                     "--lr", "1e-2", *FAST[10:]) == 0
+                     "--train-text-encoder", "--sample-prompt", "a red circle", "--sample-steps", 2,
+                     *train_flags(lr=1e-2)) == 0
     values = losses(out)
     assert len(values) == 60
     first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
@@ -166,7 +167,7 @@ def test_resume_refuses_a_different_run_and_missing_checkpoints(model_dir, shape
     assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 2, "--save-every", 1,
                      *FAST) == 0
     assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 4, "--resume", "latest",
-                     *FAST[:4], "--rank", "8", *FAST[6:]) == 2
+                     *train_flags(rank=8)) == 2
     assert "rank: 4 -> 8" in capsys.readouterr().err
     assert run_train("--model", model_dir, "--data", shapes, "--output", tmp_path / "new", "--resume", "latest",
                      *FAST) == 2
@@ -182,8 +183,8 @@ def test_resume_refuses_a_different_run_and_missing_checkpoints(model_dir, shape
 
 def test_nan_loss_stops_with_a_hint_and_writes_nothing(model_dir, shapes, tmp_path, capsys):
     out = tmp_path / "nan"
-    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 50, *FAST[:-6],
-                     "--lr", "1e9", "--max-grad-norm", "0", "--workers", "1", "--save-precision", "fp32") == 2
+    assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 50,
+                     *train_flags(lr=1e9), "--max-grad-norm", "0") == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "lower --lr" in err
     assert not (out / "lora.safetensors").exists()

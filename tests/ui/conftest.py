@@ -3,7 +3,6 @@
 Every ui test shares them (session scope): building the pipeline and starting Gradio dominate the time.
 """
 
-import copy
 import os
 
 import pytest
@@ -11,18 +10,12 @@ import torch
 
 from imglora.formats.lora_file import save_adapter
 from imglora.lora.adapters import Adapters
+from helpers import random_adapter
 from ui_helpers import SETTINGS, free_port
 
 
 def _random_adapter(pipe, seed: int, preset: str, text_encoder: bool, scale: float = 0.3):
-    adapters = Adapters(copy.deepcopy(pipe))
-    params = adapters.create("x", adapters.targets(preset, text_encoder=text_encoder), rank=4, alpha=2.0)
-    g = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.data = torch.randn(p.shape, generator=g) * scale
-    adapter = adapters.export("x")
-    adapter.arch = "sd1"
-    return adapter
+    return random_adapter(pipe, preset, text_encoder, seed=seed, scale=scale)
 
 
 @pytest.fixture(scope="module", autouse=True)
