@@ -21,39 +21,13 @@ import torch
 
 from imglora.config import TrainConfig
 from imglora.data.synth import synth_shapes
-from imglora.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, render_before_after, score
-from imglora.lora.adapters import Adapters
+from imglora.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter
 from imglora.train.loop import NAME, Trainer
-
-
-class FullFinetune(Trainer):
-    """Every UNet weight trains (no adapter): the reference LoRA is measured against."""
-
-    def _make_adapter(self):
-        self.adapters = Adapters(self.pipe)
-        self.pipe.unet.requires_grad_(True)
-        self.unet_params = [p for p in self.pipe.unet.parameters()]
-        self.te_params = []
-        self.say(f"full fine-tune: {sum(p.numel() for p in self.unet_params):,} trainable parameters")
-
-    def run(self):
-        for m in self.models:
-            m.train()
-        while self.step < self.total_steps:
-            self.train_step()
-        return None
 
 
 def evaluate(model, adapters, blend_name: str | None, seeds: int) -> dict:
     """Concept and base accuracy; for full fine-tuning (no adapter) the 'before' pipe is passed separately."""
-    from imglora.models.judge import load_judge
-
-    judge = load_judge()
-    concept = render_before_after(model, adapters, blend_name, concept_prompts(WORD, seeds))
-    base = render_before_after(model, adapters, blend_name, base_prompts(max(1, seeds // 2)))
-    c0, c1 = score(judge, concept, SHAPE)
-    b0, b1 = score(judge, base, None)
-    return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}
+    return score_adapter(model, adapters, blend_name, WORD, SHAPE, seeds)[0]
 
 
 def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int = 1, **overrides) -> dict:
@@ -61,13 +35,16 @@ def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int 
     cfg = TrainConfig(data=str(data), output=str(out), name=WORD, overwrite=True, **{**RECIPE, **overrides})
     cfg.check()
     t0 = time.perf_counter()
-    trainer = (FullFinetune if full else Trainer)(cfg)
+    trainer = Trainer(cfg, full_finetune=full)
     n_params = sum(p.numel() for p in trainer.unet_params + trainer.te_params)
     if full:
         import copy
 
         before = copy.deepcopy(trainer.model)
-        trainer.run()
+        for m in trainer.models:
+            m.train()
+        while trainer.step < trainer.total_steps:  # no adapter file to write: just the steps
+            trainer.train_step()
         seconds = time.perf_counter() - t0
         trainer.pipe.unet.eval()
         after = _pipe_eval(trainer.model, seeds)

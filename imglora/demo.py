@@ -70,11 +70,20 @@ def score(judge, rendered, shape: str | None) -> tuple[float, float]:
                                                                               labels, shape)
 
 
+def score_adapter(model, adapters, name: str, word: str = WORD, shape: str = SHAPE, seeds: int = 4):
+    """The judge's concept and base accuracy before and after, with the renders: ({scores}, concept, base)."""
+    from .models.judge import load_judge
+
+    judge = load_judge()
+    concept = render_before_after(model, adapters, name, concept_prompts(word, seeds))
+    base = render_before_after(model, adapters, name, base_prompts(max(1, seeds // 2)))
+    (c0, c1), (b0, b1) = score(judge, concept, shape), score(judge, base, None)
+    return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}, concept, base
+
+
 def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD, seed: int = 0,
              n_images: int = 60, seeds: int = 4, steps: int | None = None,
              overwrite: bool = True, log=print, **overrides) -> dict:
-    from .models.judge import load_judge
-
     t0 = time.perf_counter()
     out = Path(output)
     data = out / "data"
@@ -95,11 +104,9 @@ def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD,
     model = load_model(None)
     adapters = Adapters(model.pipe)
     attach(model, adapters, path, name=word)
-    judge = load_judge()
-    concept = render_before_after(model, adapters, word, concept_prompts(word, seeds))
-    base = render_before_after(model, adapters, word, base_prompts(max(1, seeds // 2)))
-    concept_before, concept_after = score(judge, concept, shape)
-    base_before, base_after = score(judge, base, None)
+    scores, concept, base = score_adapter(model, adapters, word, word, shape, seeds)
+    concept_before, concept_after = scores["concept_before"], scores["concept_after"]
+    base_before, base_after = scores["base_before"], scores["base_after"]
     rows = concept[::seeds] + base[:: max(1, seeds // 2) * len(COLOURS)]
     grid = image_grid([im for r in rows for im in (r[2], r[3])], cols=2,
                       labels=[lab for _ in rows for lab in ("before", "after")],

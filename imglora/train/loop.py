@@ -63,10 +63,12 @@ class Interrupt:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, full_finetune: bool = False):
+        """full_finetune: every UNet weight trains instead of an adapter (a reference for benchmarks)."""
         from accelerate import Accelerator
 
         self.cfg = cfg
+        self.full_finetune = full_finetune
         # -- Setup: the accelerator decides the device and, under `accelerate launch`, the process group.
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
         self.main = self.acc.is_main_process
@@ -165,6 +167,11 @@ class Trainer:
     def _make_adapter(self):
         cfg = self.cfg
         self.adapters = Adapters(self.pipe)
+        if self.full_finetune:  # the reference LoRA is measured against (benchmarks/quality.py): no adapter
+            self.pipe.unet.requires_grad_(True)
+            self.unet_params, self.te_params = list(self.pipe.unet.parameters()), []
+            self.say(f"full fine-tune: {sum(p.numel() for p in self.unet_params):,} trainable parameters")
+            return
         keys = self.adapters.targets(cfg.targets, text_encoder=cfg.train_text_encoder, te_mlp=cfg.te_mlp)
         self.adapters.create(NAME, keys, rank=cfg.rank, alpha=cfg.alpha, conv_rank=cfg.conv_rank,
                              conv_alpha=cfg.conv_alpha, init=cfg.init, dropout=cfg.lora_dropout)
@@ -202,10 +209,15 @@ class Trainer:
                     embeds, pooled = encode_text(self.pipe, chunk, self.acc.device)
                     for j, c in enumerate(chunk):
                         self.text_cache[c] = (embeds[j], None if pooled is None else pooled[j])
-        # Cached models have nothing left to do until sampling: free their memory on the device.
-        if self.latents is not None and self.acc.device.type != "cpu":
+        self._offload_cached_encoders()
+
+    def _offload_cached_encoders(self) -> None:
+        """Models whose outputs are cached have nothing to do until sampling: free their device memory."""
+        if self.acc.device.type == "cpu":
+            return
+        if self.latents is not None:
             self.pipe.vae.to("cpu")
-        if self.text_cache is not None and self.acc.device.type != "cpu":
+        if self.text_cache is not None:
             for te in self.text_encoders:
                 te.to("cpu")
 
@@ -355,11 +367,7 @@ class Trainer:
             self.say(f"warning: sampling failed at step {self.step}: {e}")
         finally:
             self.pipe.unet.train()
-            if self.latents is not None and self.acc.device.type != "cpu":
-                self.pipe.vae.to("cpu")
-            if self.text_cache is not None and self.acc.device.type != "cpu":
-                for te in self.text_encoders:
-                    te.to("cpu")
+            self._offload_cached_encoders()
 
     # -- Checkpoints ----------------------------------------------------------------------------
     def _resume_identity(self) -> dict:
