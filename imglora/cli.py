@@ -38,6 +38,7 @@ def _torch_dtype(name: str):
 def generate_command(args) -> None:
     from .generate import GenerateArgs, generate, parameters_text, save_png
     from .lora.adapters import Adapters
+    from .lora.state import Blend
     from .pipeline import attach, load_model
 
     model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
@@ -47,7 +48,7 @@ def generate_command(args) -> None:
         path, weight = parse_weighted(spec)
         weights[attach(model, adapters, path, weight)] = weight
     ga = GenerateArgs(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
-                      batch=args.batch, adapters=weights)
+                      batch=args.batch, blend=Blend(weights))
     images = generate(model, ga, adapters, progress=True)
     for i, image in enumerate(images):
         out = _output_name(args.out, i, len(images), args.overwrite)

@@ -14,6 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .formats.files import atomic_write
 from .lora.adapters import Adapters
+from .lora.state import Blend
 from .pipeline import Model
 
 
@@ -28,7 +29,7 @@ class GenerateArgs:
     height: int | None = None
     batch: int = 1
     blends: list[dict[str, float]] | None = None  # one blend per image (a comparison grid)
-    adapters: dict[str, float] = field(default_factory=dict)  # name -> weight, for the PNG parameters text
+    blend: Blend = field(default_factory=Blend)  # what is active, for the PNG parameters text
 
 
 def resolved(model: Model, args: GenerateArgs) -> GenerateArgs:
@@ -39,7 +40,7 @@ def resolved(model: Model, args: GenerateArgs) -> GenerateArgs:
         steps=args.steps or d.get("steps", 50),
         guidance=args.guidance if args.guidance is not None else d.get("guidance", 5.0 if model.arch == "sdxl" else 7.5),
         width=args.width or size, height=args.height or size, batch=args.batch, blends=args.blends,
-        adapters=dict(args.adapters))
+        blend=args.blend)
 
 
 @torch.no_grad()
@@ -67,12 +68,10 @@ def generate(model: Model, args: GenerateArgs, adapters: Adapters | None = None,
     return out.images
 
 
-def parameters_text(model: Model, args: GenerateArgs, seed: int, blend: dict[str, float] | None = None) -> str:
+def parameters_text(model: Model, args: GenerateArgs, seed: int, blend: Blend | None = None) -> str:
     """A1111's `parameters` PNG text; adapters appear as <lora:name:weight> in the prompt."""
     a = resolved(model, args)
-    weights = blend if blend is not None else a.adapters
-    loras = " ".join(f"<lora:{name}:{w:g}>" for name, w in weights.items() if w)
-    prompt = f"{a.prompt} {loras}".strip()
+    prompt = f"{a.prompt} {(blend if blend is not None else a.blend).tags()}".strip()
     sampler = type(model.pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "")
     lines = [prompt]
     if a.negative:

@@ -12,6 +12,7 @@ import math
 import re
 
 from imglora.errors import ImgloraError
+from imglora.lora.state import Blend
 
 from .catalogue import Catalogue, check_name
 
@@ -71,8 +72,8 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, tuple[float, float | None]
     return clean, found
 
 
-def active_weights(catalogue: Catalogue, blend: dict | None, prompt_loras: dict | None = None) -> dict:
-    """{name: (weight, te_weight)} for every enabled adapter, the prompt's tags overriding the blend."""
+def active_weights(catalogue: Catalogue, blend: dict | None, prompt_loras: dict | None = None) -> Blend:
+    """Every enabled adapter, the prompt's tags overriding the blend."""
     out = {}
     for name, v in (blend or {}).items():
         if v.get("on"):
@@ -80,19 +81,11 @@ def active_weights(catalogue: Catalogue, blend: dict | None, prompt_loras: dict 
     out.update(prompt_loras or {})
     for name in out:
         catalogue.get(name)  # every name must be a usable adapter of the folder
-    return out
+    return Blend.of(out)
 
 
-def summary(weights: dict) -> str:
-    if not weights:
+def summary(blend: Blend) -> str:
+    if not blend:
         return "no adapters (the base model)"
-    parts = []
-    for name, (w, te) in weights.items():
-        parts.append(f"{name} {w:g}" + (f" (text encoder {te:g})" if te is not None else ""))
-    return ", ".join(parts)
-
-
-def lora_tags(weights: dict) -> str:
-    """The blend in A1111 prompt syntax, as written into the PNG parameters."""
-    return " ".join(f"<lora:{n}:{te:g}:{w:g}>" if te is not None else f"<lora:{n}:{w:g}>"
-                    for n, (w, te) in weights.items() if w or te)
+    return ", ".join(f"{name} {w:g}" + (f" (text encoder {te:g})" if te is not None else "")
+                     for name, (w, te) in blend.pairs().items())

@@ -20,6 +20,7 @@ from imglora.errors import ImgloraError
 from imglora.formats.files import clean_temp_files
 from imglora.generate import save_png
 from imglora.lora.adapters import Adapters
+from imglora.lora.state import Blend
 from imglora.pipeline import Model, attach, load_model
 
 from .catalogue import Catalogue
@@ -74,18 +75,17 @@ class Session:
 
     # -- the pipeline, under the lock ---------------------------------------------------------------
     @contextlib.contextmanager
-    def using(self, weights: dict[str, tuple[float, float | None]], merge: bool = False,
-              scheduler: str = "model default", sample_rows: bool = False):
-        """Hold the pipeline with exactly `weights` (name -> (weight, te_weight)) active; all others off.
+    def using(self, blend: Blend, merge: bool = False, scheduler: str = "model default", sample_rows: bool = False):
+        """Hold the model with exactly `blend` active; all other adapters off.
 
         merge: fold the blend into the base weights (faster steps; re-merged only when the blend changes).
         sample_rows: leave it unmerged, for per-image blends (comparison grids).
         """
         with self.lock:
             self._drop_gone()
-            for name in weights:
+            for name in blend.weights:
                 self._ensure_loaded(name)
-            self._set_blend(weights, merge and not sample_rows)
+            self._set_blend(blend, merge and not sample_rows)
             self.pipe.scheduler = self._scheduler(scheduler)
             watch = _NonFiniteWatch(self.pipe)
             try:
@@ -119,15 +119,12 @@ class Session:
             self.adapters.remove(name)
             del self.loaded[name]
 
-    def _set_blend(self, weights: dict, merge: bool) -> None:
-        key = tuple(sorted(weights.items()))
+    def _set_blend(self, blend: Blend, merge: bool) -> None:
+        key = tuple(sorted(blend.pairs().items()))
         if merge and self.merged_blend == key:
             return  # already folded in: no per-step cost, nothing to redo
         self.unmerge()
-        for name in self.adapters.names:
-            w, te = weights.get(name, (0.0, None))
-            self.adapters.enable(name, name in weights)
-            self.adapters.set_weight(name, w, te)
+        self.adapters.apply(blend)
         if merge:
             self.adapters.merge()
             self.merged_blend = key

@@ -14,7 +14,7 @@ from torch import nn
 
 from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
 from .layer import LoraLayer
-from .state import COMPONENTS, Adapter, LoraModule, split_component
+from .state import COMPONENTS, Adapter, Blend, LoraModule, split_component
 
 NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # also the app's rule for names in requests
 
@@ -121,12 +121,12 @@ class Adapters:
                 layer.set_weight(name, te_weight if (is_te and te_weight is not None) else weight)
         self._remerge()
 
-    def weights(self) -> dict[str, float]:
-        out = {}
-        for layer in self.layers.values():
-            for n, w in layer.weights.items():
-                out.setdefault(n, w)
-        return out
+    def apply(self, blend: Blend) -> None:
+        """Exactly this blend: its adapters on at its weights, every other loaded adapter off."""
+        for name in self.names:
+            self.enable(name, name in blend.weights)
+            if name in blend.weights:
+                self.set_weight(name, blend.weights[name], blend.te_weights.get(name))
 
     def enable(self, name: str, on: bool = True) -> None:
         self._known(name)

@@ -65,6 +65,35 @@ class Adapter:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
 
+@dataclass(frozen=True)
+class Blend:
+    """Which adapters are on and how strongly: the one value the app, `generate` and the CLI hand to
+    Adapters. te_weights holds a separate text-encoder weight where one is given (A1111's te multiplier)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    te_weights: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, pairs: dict[str, tuple[float, float | None]]) -> "Blend":
+        """From {name: (weight, te_weight or None)}."""
+        return cls({n: float(w) for n, (w, _) in pairs.items()},
+                   {n: float(te) for n, (_, te) in pairs.items() if te is not None})
+
+    def te(self, name: str) -> float:
+        return self.te_weights.get(name, self.weights[name])
+
+    def pairs(self) -> dict[str, tuple[float, float | None]]:
+        return {n: (w, self.te_weights.get(n)) for n, w in self.weights.items()}
+
+    def tags(self) -> str:
+        """The blend in A1111's prompt syntax (<lora:name:w>, <lora:name:te:unet>), as PNG parameters carry it."""
+        return " ".join(f"<lora:{n}:{self.te_weights[n]:g}:{w:g}>" if n in self.te_weights else f"<lora:{n}:{w:g}>"
+                        for n, w in self.weights.items() if w or self.te_weights.get(n))
+
+    def __bool__(self) -> bool:
+        return bool(self.weights)
+
+
 def split_component(key: str) -> tuple[str, str]:
     """'unet.down_blocks.0…' -> ('unet', 'down_blocks.0…')."""
     component, _, path = key.partition(".")

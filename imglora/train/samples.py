@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..generate import GenerateArgs, generate, image_grid, parameters_text, save_png
+from ..lora.state import Blend
 
 
 class RunLog:
@@ -53,7 +54,7 @@ def render_samples(model, adapters, name: str, prompts: list[str], folder: Path,
         row = generate(model, args, adapters)
         for w, image in zip(weights, row):
             save_png(image, folder / f"step-{step:07d}" / f"{len(images):02d}-w{w:g}.png",
-                     parameters_text(model, args, seed, {name: w}), overwrite=True)
+                     parameters_text(model, args, seed, Blend({name: w})), overwrite=True)
             images.append(image)
             labels.append(f"w={w:g}")
     grid = image_grid(images, cols=len(weights), labels=labels, row_labels=[p[:40] for p in prompts])

@@ -18,6 +18,8 @@ from imglora.formats.detect import ARCH_NAMES, check_arch
 from imglora.formats.lora_file import load_adapter
 from imglora.pipeline import adapter_name
 
+from imglora.lora.state import Blend
+
 from ..blend import WEIGHT_LIMIT, active_weights, prune, set_adapter, summary
 from ..catalogue import SUFFIX, Catalogue
 from ..messages import in_page
@@ -123,7 +125,7 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
     rows = gr.State(listing(session))
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="refresh", scale=0)
-        current = gr.Textbox(summary({}), label="Current blend", interactive=False, elem_id="blend-summary", scale=4)
+        current = gr.Textbox(summary(Blend()), label="Current blend", interactive=False, elem_id="blend-summary", scale=4)
     table = gr.Dataframe(value=rows.value, headers=HEADERS, interactive=False, label="Adapters folder",
                          elem_id="adapters-table", wrap=True)
     separate_te = gr.Checkbox(False, label="Separate text-encoder weights", elem_id="separate-te")

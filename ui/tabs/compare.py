@@ -6,15 +6,15 @@ adapter weights, ANCHORS.md §3.4) and the same seed, so cells differ only by th
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 import gradio as gr
 
 from imglora.errors import ImgloraError
 from imglora.generate import GenerateArgs, generate, image_grid, parameters_text
+from imglora.lora.state import Blend
 
-from ..blend import WEIGHT_LIMIT, active_weights, lora_tags, parse_prompt
+from ..blend import WEIGHT_LIMIT, active_weights, parse_prompt
 from ..catalogue import check_name
 from ..messages import in_page
 from ..session import Session
@@ -34,12 +34,12 @@ def parse_values(text: str, what: str) -> list[float]:
     return values
 
 
-def grid_blends(base: dict, x_name: str, xs: list[float], y_name: str | None, ys: list[float]) -> list[dict]:
+def grid_blends(base: Blend, x_name: str, xs: list[float], y_name: str | None, ys: list[float]) -> list[dict]:
     """One {name: weight} row per cell, row-major (Y outer, X inner), over the user's own blend."""
     rows = []
     for y in ys if y_name else [None]:
         for x in xs:
-            row = {n: w for n, (w, _) in base.items()}
+            row = dict(base.weights)
             row[x_name] = x
             if y_name:
                 row[y_name] = y
@@ -65,13 +65,12 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
                            "use fewer values (every cell is one image of the batch)")
     text, prompt_loras = parse_prompt(prompt)
     base = active_weights(session.catalogue, blend, prompt_loras)
-    swept = {n: (0.0, None) for n in (x_name, y_name) if n}
-    swept.update(base)
+    swept = Blend({**{n: 0.0 for n in (x_name, y_name) if n}, **base.weights}, base.te_weights)
     rows = grid_blends(base, x_name, xs, y_name, ys)
     args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, blends=rows)
     with session.using(swept, scheduler=scheduler, sample_rows=True) as model:
         images = generate(model, args, session.adapters)
-        params = parameters_text(model, replace(args, prompt=f"{text} {lora_tags(base)}".strip()), seed, blend={})
+        params = parameters_text(model, args, seed, blend=base)
     labels = [f"{x_name} {r[x_name]:g}" for r in rows]
     row_labels = [f"{y_name} {y:g}" for y in ys] if y_name else None
     grid = image_grid(images, len(xs), labels, row_labels)
@@ -79,7 +78,7 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
                                                                  if y_name else "")
     path = session.save_image(grid, f"{params}\nGrid: {axes}", prefix="grid")
     notes = f"{len(images)} images in one batch, seed {seed}. {axes}."
-    if any(te is not None for _, te in base.values()):
+    if base.te_weights:
         notes += " In a grid the text-encoder weight follows the UNet weight."
     cells = [(img, f"{lab}" + (f", {row_labels[i // len(xs)]}" if row_labels else ""))
              for i, (img, lab) in enumerate(zip(images, labels))]

@@ -54,7 +54,7 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
             raise ImgloraError(f"rank {rank} is out of range", "use a rank from 1 to 1024")
     lpb = session.model.layers_per_block
     parts, sources = [], []
-    for n, (w, te) in weights.items():
+    for n, (w, te) in weights.pairs().items():
         entry = session.catalogue.get(n)
         adapter, _ = load_adapter(entry.path, lpb)
         parts += _parts(adapter, w, te)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from functools import partial
 
 import gradio as gr
@@ -11,7 +10,7 @@ import gradio as gr
 from imglora.errors import ImgloraError
 from imglora.generate import GenerateArgs, generate, parameters_text, resolved
 
-from ..blend import active_weights, lora_tags, parse_prompt, summary
+from ..blend import active_weights, parse_prompt, summary
 from ..messages import in_page
 from ..session import SCHEDULERS, Session
 
@@ -55,12 +54,11 @@ def run_generate(session: Session, blend: dict | None, prompt: str, negative: st
         raise ImgloraError(f"batch size {batch} is out of range", f"use 1 to {MAX_BATCH}")
     text, prompt_loras = parse_prompt(prompt)
     weights = active_weights(session.catalogue, blend, prompt_loras)
-    args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, batch=batch)
+    args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, batch=batch, blend=weights)
     with session.using(weights, merge=merge, scheduler=scheduler) as model:
         images = generate(model, args, session.adapters)
         # parameters_text reads the scheduler's name, so it is written while this one is set.
-        tagged = replace(args, prompt=f"{text} {lora_tags(weights)}".strip())
-        texts = [parameters_text(model, tagged, seed + i, blend={}) for i in range(len(images))]
+        texts = [parameters_text(model, args, seed + i) for i in range(len(images))]
     items = []
     for i, (image, params) in enumerate(zip(images, texts)):
         path = session.save_image(image, params)
