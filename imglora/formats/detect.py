@@ -12,7 +12,6 @@ import re
 from ..errors import ImgloraError
 from .metadata import arch_from_metadata
 
-FORMATS = ("kohya", "comfyui", "peft", "diffusers", "attn-procs")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "an unknown model"}

@@ -14,7 +14,6 @@ import torch
 from ..lora.state import Adapter, LoraModule, split_component
 from .detect import COMFY_PREFIXES, KOHYA_PREFIXES
 
-PREFIXES = KOHYA_PREFIXES
 # Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.
 COMPOUNDS = {
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
@@ -181,12 +180,12 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
     """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
     modules = {}
     for name, p in _group(tensors).items():
-        for prefix in PREFIXES:
+        for prefix in KOHYA_PREFIXES:
             if name.startswith(prefix):
                 rest = name[len(prefix):]
                 break
         else:
-            raise ValueError(f"key {name} does not start with one of {', '.join(PREFIXES)}")
+            raise ValueError(f"key {name} does not start with one of {', '.join(KOHYA_PREFIXES)}")
         path = parse_name(rest)
         if prefix == "lora_unet_":
             component = "unet"
