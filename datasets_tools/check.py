@@ -151,10 +151,10 @@ def load_tokenizer(path: str | None):
     if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
         raise ImgloraError("not a CLIP tokenizer folder (no vocab.json and merges.txt)",
                            "pass a tokenizer folder or a diffusers model folder (with tokenizer/)", path=path)
-    from imglora.models.tiny import load_clip_tokenizer
+    from transformers import CLIPTokenizer
 
     try:
-        tok = load_clip_tokenizer(folder)
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises several kinds for a wrong folder
         raise ImgloraError(f"not a CLIP tokenizer folder ({str(e).splitlines()[0][:120]})",
                            "pass a tokenizer folder or a diffusers model folder", path=path) from None
