@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
-from pathlib import Path
 
 import gradio as gr
 

@@ -12,7 +12,7 @@ import functools
 import torch
 
 from ..lora.state import Adapter, LoraModule, split_component
-from .detect import COMFY_PREFIXES, KOHYA_PREFIXES
+from .detect import KOHYA_PREFIXES
 
 # Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.
 COMPOUNDS = {
