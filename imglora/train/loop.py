@@ -1,4 +1,6 @@
-"""`train(cfg)`: setup, models, data, adapters, caches, optimizer, resume, loop, save.
+"""`train(cfg)`: setup, data, models, adapter, caches, optimizer; then resume, the steps, and the final save.
+
+The batch side (epoch order, caches, building a batch) is train/batches.py.
 
 One process or many under `accelerate launch` (DDP); only the main process writes files. Every step's
 randomness is seeded by (seed, step), and the data order by (seed, epoch), so a resumed run ends with
@@ -29,9 +31,9 @@ from ..lora.adapters import Adapters
 from ..models.load import native_resolution
 from ..pipeline import load_model
 from . import checkpoint as ckpt
-from .data import LatentCache, TrainData, bucket_histogram, build_data, encode_images, pixels, shuffle_caption, \
-    vae_fingerprint
-from .loss import diffusion_loss, encode_text, sdxl_time_ids
+from .batches import Batches
+from .data import TrainData, bucket_histogram, build_data
+from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
 from .quantize import quantize_frozen
 from .samples import RunLog, render_samples, validation_loss
@@ -131,37 +133,16 @@ class Trainer:
         self.data: TrainData = build_data(cfg, self.resolution, log=self.say)
         if not self.data.examples:
             raise ImgloraError("no usable training images", "see the skipped files above", path=cfg.data)
+        self.batches = Batches(cfg, self.data, self.say)
         self.world = self.acc.num_processes
-        self.batches_per_epoch = len(self.data.epoch_batches(0, cfg.seed, cfg.batch_size))
         per_step = self.world * cfg.grad_accum  # batches consumed by one optimizer step, all processes
-        self.total_steps = cfg.steps or (math.ceil(cfg.epochs * self.batches_per_epoch / per_step) if cfg.epochs
-                                         else 500)
+        per_epoch = self.batches.per_epoch
+        self.total_steps = cfg.steps or (math.ceil(cfg.epochs * per_epoch / per_step) if cfg.epochs else 500)
         self.say(f"{len({e.path for e in self.data.examples})} images ({len(self.data.examples)} with repeats), "
                  f"{len(self.data.problems)} skipped, {len(self.data.val)} held out; buckets: "
                  f"{bucket_histogram(self.data)}; {self.total_steps} steps = "
-                 f"{self.total_steps * per_step / self.batches_per_epoch:.1f} epochs"
+                 f"{self.total_steps * per_step / per_epoch:.1f} epochs"
                  + (f" on {self.world} processes" if self.world > 1 else ""))
-        self.fixed_captions = not cfg.shuffle_captions and not cfg.train_text_encoder
-        self._epoch_cache: dict[int, list[list[int]]] = {}
-
-    def _drop(self, broken: dict) -> None:
-        """Leave out images that broke after the scan, with a warning, and recount the epoch."""
-        for path, reason in broken.items():
-            self.say(f"warning: skipped {path}: {reason} (it changed after the scan)")
-        self.data.examples = [e for e in self.data.examples if e.path not in broken]
-        self.data.val = [e for e in self.data.val if e.path not in broken]
-        if not self.data.examples:
-            raise ImgloraError("no usable training images left", "see the skipped files above", path=self.cfg.data)
-        self.batches_per_epoch = len(self.data.epoch_batches(0, self.cfg.seed, self.cfg.batch_size))
-        self._epoch_cache = {}
-
-    def _drawn(self) -> list:
-        """The examples this run will draw: all of them, unless it ends within its first epoch (a short
-        run on a large folder then encodes only the images it uses)."""
-        micro = self.total_steps * self.cfg.grad_accum * self.world
-        if micro >= self.batches_per_epoch:
-            return self.data.examples
-        return [self.data.examples[i] for i in sorted({i for g in range(micro) for i in self._batch_indices(g)})]
 
     # -- Adapters -------------------------------------------------------------------------------
     def _make_adapter(self):
@@ -184,40 +165,18 @@ class Trainer:
 
     # -- Caches ---------------------------------------------------------------------------------
     def _fill_caches(self):
-        cfg = self.cfg
-        self.latents = None
-        if cfg.cache_latents != "none":
-            disk = Path(cfg.cache_dir or self.out / ".cache") if cfg.cache_latents == "disk" else None
-            if disk is not None:
-                disk.mkdir(parents=True, exist_ok=True)
-            self.latents = LatentCache(self.pipe.vae, disk, vae_fingerprint(self.pipe.vae))
-            flips = (False, True) if cfg.flip else (False,)
-            while True:  # an image that broke since the scan is dropped, which reshuffles the batches
-                self.latents.fill(self._drawn() + self.data.val, flips, progress=self.main)
-                if not self.latents.broken:
-                    break
-                self._drop(self.latents.broken)
-            if self.latents.reused:
-                self.say(f"reused {self.latents.reused} cached latents from {disk}")
-        self.text_cache: dict[str, tuple] | None = None
-        if cfg.cache_text and self.fixed_captions:
-            captions = sorted({e.caption for e in self.data.examples + self.data.val} | {""})
-            self.text_cache = {}
-            with torch.no_grad():
-                for i in range(0, len(captions), 64):
-                    chunk = captions[i:i + 64]
-                    embeds, pooled = encode_text(self.pipe, chunk, self.acc.device)
-                    for j, c in enumerate(chunk):
-                        self.text_cache[c] = (embeds[j], None if pooled is None else pooled[j])
+        self.batches.prepare(self.pipe, self.arch, self.acc.device, self.dtype, self.channels_last,
+                             text_trains=bool(self.te_params), out=self.out,
+                             micro_batches=self.total_steps * self.cfg.grad_accum * self.world, progress=self.main)
         self._offload_cached_encoders()
 
     def _offload_cached_encoders(self) -> None:
         """Models whose outputs are cached have nothing to do until sampling: free their device memory."""
         if self.acc.device.type == "cpu":
             return
-        if self.latents is not None:
+        if self.batches.latents is not None:
             self.pipe.vae.to("cpu")
-        if self.text_cache is not None:
+        if self.batches.text_cache is not None:
             for te in self.text_encoders:
                 te.to("cpu")
 
@@ -238,62 +197,7 @@ class Trainer:
         self.models = [unet]
         self.step = 0
 
-    # -- Batches --------------------------------------------------------------------------------
-    def _batch_indices(self, g: int) -> list[int]:
-        epoch, position = divmod(g, self.batches_per_epoch)
-        if epoch not in self._epoch_cache:
-            self._epoch_cache = {epoch: self.data.epoch_batches(epoch, self.cfg.seed, self.cfg.batch_size)}
-        return self._epoch_cache[epoch][position]
-
-    def _caption(self, caption: str, rng: random.Random) -> str:
-        cfg = self.cfg
-        if cfg.shuffle_captions:
-            caption = shuffle_caption(caption, cfg.keep_tokens, rng)
-        if cfg.caption_dropout and rng.random() < cfg.caption_dropout:
-            caption = ""
-        return caption
-
-    def make_batch(self, examples, g: int | None, generator: torch.Generator) -> dict:
-        """Latents (sampled from the cached or fresh posterior), text embeddings and conditioning."""
-        cfg, device = self.cfg, self.acc.device
-        rng = random.Random(f"{cfg.seed}/{g}/augment")
-        flips = [cfg.flip and g is not None and rng.random() < 0.5 for _ in examples]
-        captions = [self._caption(e.caption, rng) if g is not None else e.caption for e in examples]
-        if self.latents is not None:
-            entries = [self.latents.get(e, f) for e, f in zip(examples, flips)]
-            mean = torch.stack([x[0] for x in entries])
-            std = torch.stack([x[1] for x in entries])
-            originals, crops = [x[2] for x in entries], [x[3] for x in entries]
-        else:
-            good = []
-            for e, f, c in zip(examples, flips, captions):
-                try:
-                    good.append((e, c, pixels(e, cfg.crop, f, rng)))
-                except ImgloraError as err:  # broke after the scan: this batch goes on without it
-                    self.say(f"warning: skipped {e.path}: {err.what} (it changed after the scan)")
-            if not good:
-                raise ImgloraError("every image of a batch became unreadable during training",
-                                   "check the data folder and resume", path=cfg.data)
-            examples, captions, prepared = ([item[i] for item in good] for i in range(3))
-            mean, std = encode_images(self.pipe.vae, torch.stack([p[0] for p in prepared]))
-            originals, crops = [p[1] for p in prepared], [p[2] for p in prepared]
-        latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
-        if self.text_cache is not None:
-            embeds = torch.stack([self.text_cache[c][0] for c in captions])
-            pooled = torch.stack([self.text_cache[c][1] for c in captions]) if self.arch == "sdxl" else None
-        else:
-            with contextlib.nullcontext() if self.te_params else torch.no_grad():
-                embeds, pooled = encode_text(self.pipe, captions, device)
-        latents = latents.to(device, self.dtype, non_blocking=True)
-        if self.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        batch = {"latents": latents, "embeds": embeds.to(device, self.dtype), "size": len(examples),
-                 "weights": torch.tensor([e.weight for e in examples])}
-        if self.arch == "sdxl":
-            batch["pooled"] = pooled.to(device, self.dtype)
-            batch["time_ids"] = sdxl_time_ids(originals, crops, examples[0].bucket, device).to(self.dtype)
-        return batch
-
+    # -- One optimizer step ---------------------------------------------------------------------
     def loss(self, batch, generator, **fixed) -> torch.Tensor:
         with self.acc.autocast():
             return diffusion_loss(self.models[0], self.pipe.scheduler, batch["latents"], batch["embeds"], generator,
@@ -301,7 +205,6 @@ class Trainer:
                                   pooled=batch.get("pooled"), time_ids=batch.get("time_ids"),
                                   noise_offset=self.cfg.noise_offset, min_snr_gamma=self.cfg.min_snr_gamma, **fixed)
 
-    # -- One optimizer step ---------------------------------------------------------------------
     def train_step(self) -> float:
         cfg = self.cfg
         total = 0.0
@@ -310,8 +213,7 @@ class Trainer:
             seed = step_seed(cfg.seed, g)
             torch.manual_seed(seed)  # adapter dropout
             generator = torch.Generator().manual_seed(seed)
-            examples = [self.data.examples[i] for i in self._batch_indices(g)]
-            batch = self.make_batch(examples, g, generator)
+            batch = self.batches.make(self.batches.examples(g), g, generator)
             last = micro == cfg.grad_accum - 1
             with contextlib.ExitStack() as stack:
                 if not last:  # gradients are all-reduced once per optimizer step, not per micro-batch
@@ -340,13 +242,13 @@ class Trainer:
         self.adapters.changed()  # the optimizer updated the adapter in place
         T = self.pipe.scheduler.config.num_train_timesteps
         timesteps = torch.linspace(T * 0.1, T * 0.9, 4).long()
-        batches = []
+        held_out = []
         for i, e in enumerate(self.data.val):
             generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, -1 - i))
-            batch = self.make_batch([e] * len(timesteps), None, generator)
+            batch = self.batches.make([e] * len(timesteps), None, generator)
             batch["noise"] = torch.randn(batch["latents"].shape, generator=generator)
-            batches.append(batch)
-        return validation_loss(batches, lambda b: self.loss(b, None, timesteps=timesteps, noise=b["noise"]))
+            held_out.append(batch)
+        return validation_loss(held_out, lambda b: self.loss(b, None, timesteps=timesteps, noise=b["noise"]))
 
     def samples(self) -> None:
         cfg = self.cfg
@@ -381,6 +283,7 @@ class Trainer:
                      "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None}
             path = ckpt.save_checkpoint(self.ckpt_root, self.step, adapter, self.optimizer, state, self.cfg.keep_last)
             self.say(f"checkpoint: {path}")
+        self.last_saved = self.step
         self.acc.wait_for_everyone()
 
     def resume(self) -> None:
@@ -407,7 +310,7 @@ class Trainer:
         adapter = self.adapters.export(NAME)
         adapter.arch = self.arch
         extra = training_metadata(cfg, self.model.name, [(e.path, e.caption) for e in self.data.examples], self.step,
-                                  self.step * cfg.grad_accum * self.world // self.batches_per_epoch, started)
+                                  self.step * cfg.grad_accum * self.world // self.batches.per_epoch, started)
         meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
         lpb = self.model.layers_per_block
@@ -424,51 +327,66 @@ class Trainer:
 
     # -- The loop -------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.cfg
         started = datetime.now(timezone.utc).isoformat()
-        if cfg.resume:
+        if self.cfg.resume:
             self.resume()
         for m in self.models:
             m.train()
         interrupt = Interrupt()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
-        last_saved = self.step
+        self.last_saved = self.step
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                lr = self.schedule.get_last_lr()[0]  # the rate this step uses
-                loss = self.train_step()
-                if not math.isfinite(loss):
-                    raise ImgloraError(
-                        f"the loss became {loss} at step {self.step}; nothing of this step was saved",
-                        "lower --lr, or use --mixed-precision bf16 instead of fp16; the last good checkpoint "
-                        f"(if any) is in {self.ckpt_root}", path=cfg.output)
+                loss, lr, seconds = self._checked_step()
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
-                if self.step % cfg.log_every == 0:
-                    self.log.log(self.step, loss=loss, lr=lr, step_seconds=time.perf_counter() - t0)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-                    last_saved = self.step
-                if (cfg.val_every and self.step % cfg.val_every == 0) or (
-                        not cfg.val_every and last_saved == self.step and self.data.val):
-                    self._log_validation()
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < self.total_steps:
-                    self.samples()
+                self._periodic(loss, lr, seconds)
                 if interrupt.requested:
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
-                    if last_saved != self.step:
-                        self.save_checkpoint()
-                    raise KeyboardInterrupt
+                    self._stop_at_interrupt()
         finally:
             bar.close()
             interrupt.restore()
+        return self._finish(started)
+
+    def _checked_step(self) -> tuple[float, float, float]:
+        """One optimizer step: (loss, learning rate it used, seconds); a non-finite loss stops the run."""
+        t0 = time.perf_counter()
+        lr = self.schedule.get_last_lr()[0]
+        loss = self.train_step()
+        if not math.isfinite(loss):
+            raise ImgloraError(
+                f"the loss became {loss} at step {self.step}; nothing of this step was saved",
+                "lower --lr, or use --mixed-precision bf16 instead of fp16; the last good checkpoint "
+                f"(if any) is in {self.ckpt_root}", path=self.cfg.output)
+        return loss, lr, time.perf_counter() - t0
+
+    def _periodic(self, loss: float, lr: float, seconds: float) -> None:
+        """What runs every N steps: the log, checkpoints, validation, samples (the last step's come at the end)."""
+        cfg, step, more = self.cfg, self.step, self.step < self.total_steps
+        if step % cfg.log_every == 0:
+            self.log.log(step, loss=loss, lr=lr, step_seconds=seconds)
+        if cfg.save_every and step % cfg.save_every == 0 and more:
+            self.save_checkpoint()
+        if (cfg.val_every and step % cfg.val_every == 0) or (
+                not cfg.val_every and self.last_saved == step and self.data.val):
+            self._log_validation()
+        if cfg.sample_every and step % cfg.sample_every == 0 and more:
+            self.samples()
+
+    def _stop_at_interrupt(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
+        if self.last_saved != self.step:
+            self.save_checkpoint()
+        raise KeyboardInterrupt
+
+    def _finish(self, started: str) -> Path:
+        """The last validation and samples, then the adapter file (and a final checkpoint if any were kept)."""
         self._log_validation()
         self.samples()
         self._check_in_sync()
         path = self.save_final(started) if self.main else self.final
-        if cfg.save_every:
+        if self.cfg.save_every:
             self.save_checkpoint()
         self.log.close()
         self.say(f"saved {path}")

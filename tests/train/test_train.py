@@ -290,8 +290,8 @@ def test_a_run_shorter_than_an_epoch_encodes_only_the_images_it_draws(model_dir,
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "o"), steps=2, resolution=32,
                       bucket_step=16, rank=2, batch_size=2, workers=1)
     trainer = Trainer(cfg)
-    drawn = {trainer.data.examples[i].path for g in range(2) for i in trainer._batch_indices(g)}
-    assert len(drawn) == 4 and {key[0] for key in trainer.latents.memory} == drawn
+    drawn = {trainer.data.examples[i].path for g in range(2) for i in trainer.batches.indices(g)}
+    assert len(drawn) == 4 and {key[0] for key in trainer.batches.latents.memory} == drawn
     assert trainer.run().is_file()  # every step found its latents
 
 
@@ -312,6 +312,6 @@ def test_an_image_that_breaks_before_caching_is_dropped_and_the_run_goes_on(mode
     cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "o"), steps=20, resolution=32,
                       bucket_step=16, rank=2, batch_size=2, workers=1)
     trainer = loop.Trainer(cfg)
-    assert len(trainer.data.examples) == 11 and not any(p.name == "00003.png" for p, *_ in trainer.latents.memory)
+    assert len(trainer.data.examples) == 11 and not any(p.name == "00003.png" for p, *_ in trainer.batches.latents.memory)
     assert trainer.run().is_file()
     assert "00003.png" in capsys.readouterr().out
