@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from imglora.config import TrainConfig
-from imglora.data.synth import synth_shapes
-from imglora.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter
+from imglora.synthetic.shapes import synth_shapes
+from imglora.synthetic.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter
 from imglora.train.loop import NAME, Trainer
 
 
@@ -67,9 +67,9 @@ def _run_job(job) -> dict:
 
 def _pipe_eval(model, seeds: int) -> tuple[float, float]:
     """(concept, base) accuracy of a pipeline as it is (for full fine-tuning, which has no adapter)."""
-    from imglora.demo import accuracy
+    from imglora.synthetic.demo import accuracy
     from imglora.generate import GenerateArgs, generate
-    from imglora.models.judge import load_judge
+    from imglora.synthetic.judge import load_judge
 
     judge = load_judge()
     out = []

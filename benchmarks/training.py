@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 def make_data(root: Path, n: int, size: int) -> tuple[Path, Path]:
     """The same synthetic images as sidecar captions (ours) and an imagefolder metadata.jsonl (the peer)."""
-    from imglora.data.synth import synth_shapes
+    from imglora.synthetic.shapes import synth_shapes
 
     ours, peer = root / "ours", root / "peer"
     if not ours.is_dir():

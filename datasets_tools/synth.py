@@ -1,11 +1,11 @@
 """`imglora-data synth shapes OUT --n N`: a deterministic synthetic captioned dataset
-(imglora.data.synth: coloured shapes on plain backgrounds, "a red circle on a white background")."""
+(imglora.synthetic.shapes: coloured shapes on plain backgrounds, "a red circle on a white background")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from imglora.data.synth import BACKGROUNDS, BASE_SHAPES, COLOURS, NEW_SHAPES, synth_shapes
+from imglora.synthetic.shapes import BACKGROUNDS, BASE_SHAPES, COLOURS, NEW_SHAPES, synth_shapes
 from imglora.errors import ImgloraError
 from imglora.formats.files import atomic_dir
 

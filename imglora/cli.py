@@ -125,7 +125,7 @@ def train_command(args) -> None:
 
 
 def demo_command(args) -> None:
-    from .demo import run_demo, summary_line
+    from .synthetic.demo import run_demo, summary_line
 
     result = run_demo(output=args.output, seed=args.seed, steps=args.steps)
     print(summary_line(result), flush=True)

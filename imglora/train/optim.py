@@ -30,8 +30,9 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float, device_ty
     raise ImgloraError(f"unknown optimizer {name!r}")
 
 
-def make_schedule(optimizer, kind: str, warmup: int, total: int):
-    """constant, cosine or linear decay to 0 over `total` steps, after a linear warm-up."""
+def make_schedule(optimizer, kind: str, warmup: int, total: int, floor: float = 0.0):
+    """constant, cosine or linear decay to `floor` (a fraction of the rate) over `total` steps, after a
+    linear warm-up."""
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -39,6 +40,7 @@ def make_schedule(optimizer, kind: str, warmup: int, total: int):
         if kind == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from imglora.data.captions import Item, collect_items
 from imglora.data.scan import scan_items
-from imglora.data.synth import synth_shapes
+from imglora.synthetic.shapes import synth_shapes
 
 
 def test_one_bad_image_in_100_is_listed_and_99_remain(tmp_path):

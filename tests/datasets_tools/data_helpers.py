@@ -9,7 +9,7 @@ from datasets_tools.cli import main
 
 def shape(colour="red", size=(128, 128), seed=0):
     """A distinct picture per seed: different shapes, positions and backgrounds."""
-    from imglora.data.synth import BASE_SHAPES, NEW_SHAPES, render
+    from imglora.synthetic.shapes import BASE_SHAPES, NEW_SHAPES, render
 
     kinds = BASE_SHAPES + NEW_SHAPES
     bg = ("white", "black", "gray")[seed % 3]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from helpers import train_flags
 
 from imglora.cli import main
-from imglora.data.synth import synth_shapes
+from imglora.synthetic.shapes import synth_shapes
 
 FAST = train_flags()
 

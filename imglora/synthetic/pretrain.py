@@ -1,6 +1,6 @@
-"""Pretrain the embedded base model from scratch on synthetic shapes: `python -m imglora.models.pretrain --out DIR`.
+"""Pretrain the embedded base model from scratch on synthetic shapes: `python -m imglora.synthetic.pretrain --out DIR`.
 
-Two stages, both on data rendered by `imglora.data.synth` from the seed:
+Two stages, both on data rendered by `imglora.synthetic.shapes` from the seed:
 1. the VAE (8x: 64x64x3 pixels <-> 8x8x4 latents), on random crops, then briefly on whole images;
 2. the UNet and the CLIP text encoder together, as a DDPM (epsilon, 1000 steps) on the cached latents,
    with caption dropout for classifier-free guidance and an EMA of the UNet weights.
@@ -21,7 +21,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import random
 import shutil
 import time
@@ -34,8 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.synth import BACKGROUNDS, BASE_SHAPES, CAPTION, COLOURS, render, samples
-from .tiny import load_clip_tokenizer, write_clip_tokenizer
+from ..formats.files import atomic_dir, atomic_write
+from ..generate import GenerateArgs, generate, image_grid, save_png
+from ..models.tiny import load_clip_tokenizer, write_clip_tokenizer
+from ..pipeline import load_model
+from ..train.optim import make_schedule
+from .shapes import BACKGROUNDS, BASE_SHAPES, CAPTION, COLOURS, render, samples
 
 RESOLUTION = 64  # pixels; the VAE downsamples 8x to 8x8x4 latents
 
@@ -116,13 +119,6 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def schedule(step: int, total: int, warmup: int) -> float:
-    """LR factor: linear warmup, then cosine from 1 to 0.1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def random_crops(x: torch.Tensor, crop: int, gen: torch.Generator, tries: int = 3) -> torch.Tensor:
     """One crop per image, the busiest (highest pixel std) of `tries` random ones: mostly edges, not background."""
     b, n = x.shape[0], x.shape[-1] - crop + 1
@@ -145,13 +141,12 @@ def train_vae(vae, pixels: torch.Tensor, r: Recipe, gen: torch.Generator, device
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     total = r.vae_steps + r.vae_full_steps
+    sched = make_schedule(opt, "cosine", 100, total, floor=0.1)
     bar = tqdm(range(total), desc="vae", unit="step", mininterval=2.0)
     for step in bar:
         crop = r.vae_crop if step < r.vae_steps else RESOLUTION
         idx = torch.randint(0, len(pixels), (r.vae_batch,), generator=gen)
         x = to_unit(random_crops(pixels[idx], crop, gen) if crop < RESOLUTION else pixels[idx]).to(device)
-        for group in opt.param_groups:
-            group["lr"] = r.vae_lr * schedule(step, total, 100)
         dist = vae.encode(x).latent_dist
         noise = torch.randn(dist.mean.shape, generator=gen).to(device)
         recon = vae.decode(dist.mean + dist.std * noise).sample
@@ -161,6 +156,7 @@ def train_vae(vae, pixels: torch.Tensor, r: Recipe, gen: torch.Generator, device
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if step % 20 == 0:
             bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
     vae.eval()
@@ -206,6 +202,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
     text_encoder.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01)
+    sched = make_schedule(opt, "cosine", r.warmup, r.steps, floor=0.1)
     ema = EMA(unet, r.ema) if r.ema else None
     bar = tqdm(range(r.steps), desc="unet+text", unit="step", mininterval=2.0)
     avg = None
@@ -222,12 +219,11 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
         noisy = scheduler.add_noise(z, noise, t).to(device)
         pred = unet(noisy, t.to(device), embeds).sample
         loss = F.mse_loss(pred, noise.to(device))
-        for group in opt.param_groups:
-            group["lr"] = r.lr * schedule(step, r.steps, r.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         if ema:
             ema.update(unet)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
@@ -250,52 +246,30 @@ def grid_prompts() -> list[tuple[str, dict]]:
 
 
 @torch.no_grad()
-def sample_grid(pipe, path: Path, steps: int, guidance: float, cols: int = 6) -> Path:
+def sample_grid(model, path: Path, steps: int, guidance: float, cols: int = 6) -> Path:
     """One row per grid_prompts() prompt, seeds 0..cols-1 (the layout of samples.png)."""
     images = []
     for prompt, _ in grid_prompts():
-        gens = [torch.Generator("cpu").manual_seed(s) for s in range(cols)]
-        images += pipe([prompt] * cols, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-    size = images[0].width
-    grid = Image.new("RGB", (cols * size, (len(images) // cols) * size))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * size, (i // cols) * size))
-    grid.save(path)
-    return path
+        images += generate(model, GenerateArgs(prompt, seed=0, steps=steps, guidance=guidance, batch=cols))
+    return save_png(image_grid(images, cols), path, "imglora pretraining samples: seeds 0..5 per row", overwrite=True)
 
 
 def save_folder(out: Path, vae, unet, text_encoder, tokenizer, scheduler, defaults: dict) -> None:
-    """Write the diffusers folder into a temp dir beside `out`, then swap it in (an old `out` is replaced)."""
+    """Write the diffusers folder atomically (an old `out` is replaced only once the new one is complete)."""
     from diffusers import StableDiffusionPipeline
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    # transformers saves only tokenizer.json; the slow-tokenizer files keep older readers working.
-    write_clip_tokenizer(tmp / "tokenizer", vocabulary(), MAX_TOKENS)
-    # fp16 UNet and VAE keep the folder under 20 MB; diffusers loads them back as float32. The text
-    # encoder stays float32: transformers would otherwise load it as float16.
-    for name, module in (("unet", unet), ("vae", vae)):
-        copy.deepcopy(module).half().save_pretrained(tmp / name, safe_serialization=True)
-    (tmp / "imglora.json").write_text(json.dumps(defaults, indent=2) + "\n")
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_folder(path: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    with atomic_dir(out, replace=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # transformers saves only tokenizer.json; the slow-tokenizer files keep older readers working.
+        write_clip_tokenizer(tmp / "tokenizer", vocabulary(), MAX_TOKENS)
+        # fp16 UNet and VAE keep the folder under 20 MB; diffusers loads them back as float32. The text
+        # encoder stays float32: transformers would otherwise load it as float16.
+        for name, module in (("unet", unet), ("vae", vae)):
+            copy.deepcopy(module).half().save_pretrained(tmp / name, safe_serialization=True)
+        (tmp / "imglora.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 def pretrain(out: Path, r: Recipe, evaluate_with_judge: bool = True, log=print) -> dict:
@@ -327,24 +301,25 @@ def pretrain(out: Path, r: Recipe, evaluate_with_judge: bool = True, log=print) 
     for m in (vae, unet, text_encoder):
         m.to("cpu")
     save_folder(out, vae, unet, text_encoder, tokenizer, scheduler, defaults)
-    pipe = load_folder(out)
-    sample_grid(pipe, out.parent / f"{out.name}-samples.png", r.sample_steps, r.guidance)
+    model = load_model(out)
+    sample_grid(model, out.parent / f"{out.name}-samples.png", r.sample_steps, r.guidance)
     if evaluate_with_judge:
         from .judge import JUDGE_PATH, base_prompts, evaluate, load_judge
 
         if JUDGE_PATH.is_file():
-            info["quality"] = evaluate(pipe, base_prompts(), judge=load_judge(), steps=r.sample_steps,
+            info["quality"] = evaluate(model, base_prompts(), judge=load_judge(), steps=r.sample_steps,
                                        guidance=r.guidance)
             log(f"base quality: {json.dumps(info['quality'])}")
     defaults["pretrain"]["results"] = info
-    (out / "imglora.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    text = json.dumps(defaults, indent=2) + "\n"
+    atomic_write(out / "imglora.json", lambda f: f.write(text.encode()), overwrite=True)
     info["total_s"] = round(time.perf_counter() - t0, 1)
     log(f"wrote {out} in {info['total_s']:.0f} s: {json.dumps(info)}")
     return info
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m imglora.models.pretrain", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m imglora.synthetic.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="the diffusers folder to write")
     p.add_argument("--no-eval", action="store_true", help="skip the judge's base-quality evaluation")
     for f in fields(Recipe):

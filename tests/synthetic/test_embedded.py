@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
-from imglora.data.synth import BASE_SHAPES, BACKGROUNDS, COLOURS, NEW_SHAPES
 from imglora.errors import ImgloraError
 from imglora.models import embedded
 from imglora.models.embedded import EMBEDDED_MODEL, default_model_path
-from imglora.models.judge import JUDGE_PATH, accuracy, evaluate, load_judge, render_labelled
+from imglora.pipeline import model_of
+from imglora.synthetic.judge import JUDGE_PATH, accuracy, evaluate, load_judge, render_labelled
+from imglora.synthetic.shapes import BACKGROUNDS, BASE_SHAPES, COLOURS, NEW_SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_caption_words_are_single_tokens_and_new_shapes_are_not(pipe):
 def test_generations_have_the_prompted_colour(pipe, judge):
     prompts = [(f"a {c} {s} on a white background", {"colour": c, "shape": s})
                for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle")]]
-    result = evaluate(pipe, prompts, seeds=2, steps=20, judge=judge, keep_images=True)
+    result = evaluate(model_of(pipe, default_model_path()), prompts, seeds=2, steps=20, judge=judge, keep_images=True)
     assert result["images"][0].size == (64, 64)
     assert result["colour"] == 1.0, result["predictions"]
     assert result["shape"] >= 0.5, result["predictions"]

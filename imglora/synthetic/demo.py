@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import TrainConfig
-from .data.synth import BASE_SHAPES, COLOURS, synth_shapes
-from .generate import GenerateArgs, generate, image_grid, save_png
-from .lora.adapters import Adapters
-from .pipeline import attach, load_model
-from .train.loop import train
+from ..config import TrainConfig
+from .shapes import BASE_SHAPES, COLOURS, synth_shapes
+from ..generate import GenerateArgs, generate, image_grid, save_png
+from ..lora.adapters import Adapters
+from ..pipeline import attach, load_model
+from ..train.loop import train
 
 # The recipe `benchmarks/quality.py` measures; it fits the 5-minute budget on a 2-core CPU. Of the
 # setups in that table it is the one that learned the heart best (0.83) with base prompts untouched
@@ -72,7 +72,7 @@ def score(judge, rendered, shape: str | None) -> tuple[float, float]:
 
 def score_adapter(model, adapters, name: str, word: str = WORD, shape: str = SHAPE, seeds: int = 4):
     """The judge's concept and base accuracy before and after, with the renders: ({scores}, concept, base)."""
-    from .models.judge import load_judge
+    from .judge import load_judge
 
     judge = load_judge()
     concept = render_before_after(model, adapters, name, concept_prompts(word, seeds))

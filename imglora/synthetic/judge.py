@@ -3,7 +3,7 @@
 It scores generations (base quality, the demo, the quality benchmark), so it is trained on synthetic
 renders of every shape (BASE_SHAPES + NEW_SHAPES) with augmentations that imitate generation
 artefacts: noise, blotchy low-frequency noise, blur, slight colour shifts. Train it with
-`python -m imglora.models.judge --out FILE`; the shipped weights are imglora/assets/judge.safetensors.
+`python -m imglora.synthetic.judge --out FILE`; the shipped weights are imglora/assets/judge.safetensors.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.synth import BACKGROUNDS, BASE_SHAPES, CAPTION, COLOURS, NEW_SHAPES, render, samples
 from ..errors import ImgloraError
+from ..formats.files import write_safetensors
+from .shapes import BACKGROUNDS, BASE_SHAPES, CAPTION, COLOURS, NEW_SHAPES, render, samples
 
 JUDGE_PATH = Path(__file__).resolve().parent.parent / "assets" / "judge.safetensors"
 SIZE = 64  # pixels; other sizes are resized first
@@ -82,7 +83,7 @@ def load_judge(path: str | Path = JUDGE_PATH) -> Judge:
     path = Path(path)
     if not path.is_file():
         raise ImgloraError("the judge's weights are missing",
-                           "reinstall imglora, or train them: python -m imglora.models.judge --out FILE", path=path)
+                           "reinstall imglora, or train them: python -m imglora.synthetic.judge --out FILE", path=path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -148,8 +149,6 @@ def accuracy(net: JudgeNet, pixels: torch.Tensor, y: dict[str, torch.Tensor], ge
 def train_judge(out: str | Path, seed: int = 0, images: int = 24_000, steps: int = 2000, batch: int = 64,
                 lr: float = 3e-3, threads: int = 2, log=print) -> dict:
     """Train on fresh renders with artefacts, check on held-out renders (another seed), save to `out`."""
-    from safetensors.torch import save_file
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -177,11 +176,7 @@ def train_judge(out: str | Path, seed: int = 0, images: int = 24_000, steps: int
               "seconds": round(time.perf_counter() - t0, 1)}
     meta = {"heads": json.dumps(HEADS), "width": "24", "held_out_accuracy": json.dumps(result),
             "recipe": json.dumps(dict(seed=seed, images=images, steps=steps, batch=batch, lr=lr))}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    write_safetensors(out, {k: v.contiguous() for k, v in net.state_dict().items()}, metadata=meta, overwrite=True)
     log(f"wrote {out}: held-out accuracy {json.dumps(result)}")
     return result
 
@@ -193,25 +188,21 @@ def base_prompts(backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)) -> list[tupl
 
 
 @torch.no_grad()
-def evaluate(pipe, prompts_with_labels: list[tuple[str, dict[str, str]]], seeds: int | list[int] = 4,
-             steps: int = 25, guidance: float = 4.0, judge: Judge | None = None, batch: int = 64,
-             keep_images: bool = False) -> dict:
-    """Generate every prompt with every seed (batched, one CPU generator per image) and score it.
+def evaluate(model, prompts_with_labels: list[tuple[str, dict[str, str]]], seeds: int = 4, steps: int = 25,
+             guidance: float = 4.0, judge: Judge | None = None, keep_images: bool = False) -> dict:
+    """Generate every prompt with seeds 0..seeds-1 through `generate` (the one generation path) and score it.
 
     Returns the share of images whose judged label equals the prompted one, per label kind present in
     the labels ("colour", "shape", "background"), "all" (every given label right), per-shape and
     per-colour breakdowns, and with `keep_images` the images and predictions.
     """
+    from ..generate import GenerateArgs, generate
+
     judge = judge or load_judge()
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    jobs = [(p, labels, s) for p, labels in prompts_with_labels for s in seeds]
+    jobs = [(p, labels, s) for p, labels in prompts_with_labels for s in range(seeds)]
     images = []
-    pipe.set_progress_bar_config(disable=True)
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i:i + batch]
-        gens = [torch.Generator("cpu").manual_seed(s) for _, _, s in chunk]
-        images += pipe([p for p, _, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens).images
+    for prompt, _ in prompts_with_labels:
+        images += generate(model, GenerateArgs(prompt, seed=0, steps=steps, guidance=guidance, batch=seeds))
     preds = judge.predict(images)
     result: dict = {"n": len(jobs), "steps": steps, "guidance": guidance}
     for kind in ("colour", "shape", "background"):
@@ -233,7 +224,7 @@ def evaluate(pipe, prompts_with_labels: list[tuple[str, dict[str, str]]], seeds:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m imglora.models.judge", description="train the judge")
+    p = argparse.ArgumentParser(prog="python -m imglora.synthetic.judge", description="train the judge")
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=24_000, help="training renders")

@@ -4,8 +4,8 @@ import re
 
 from PIL import Image
 
-from imglora.demo import run_demo, summary_line
 from imglora.formats.inspect import describe
+from imglora.synthetic.demo import run_demo, summary_line
 
 
 def test_short_demo_run(tmp_path):
