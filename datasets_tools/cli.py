@@ -164,37 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--workers", type=positive(int), help="parallel threads (default: 2 per CPU, at most 8)")
 
     c = sub.add_parser("check", help="list every problem in a training folder (exit 1 if any)")
-    c.add_argument("dir")
-    c.add_argument("--min-side", type=positive(int), default=64, help="smallest usable image side in pixels")
-    c.add_argument("--max-aspect", type=positive(float), default=4.0, help="largest long/short side ratio")
-    c.add_argument("--max-tokens", type=positive(int), default=77, help="CLIP tokens a caption may use")
-    c.add_argument("--tokenizer", help="CLIP tokenizer folder, or a diffusers model folder (exact token counts)")
+    c.add_argument("dir", help="training folder to check")
+    c.add_argument("--min-side", type=positive(int), default=64, help="smallest usable image side in pixels "
+                   "(default: %(default)s)")
+    c.add_argument("--max-aspect", type=positive(float), default=4.0, help="largest long/short side ratio "
+                   "(default: %(default)s)")
+    c.add_argument("--max-tokens", type=positive(int), default=77, help="CLIP tokens a caption may use "
+                   "(default: %(default)s)")
+    c.add_argument("--tokenizer", help="CLIP tokenizer folder, or a diffusers model folder (exact token counts; "
+                   "default: an estimate)")
     c.add_argument("--near-bits", type=int, default=6, help="perceptual-hash bits that may differ in a near "
-                   "duplicate (-1: off)")
+                   "duplicate (-1: off; default: %(default)s)")
     c.add_argument("--caption-fallback", help="as in training: folder, filename or a template with {folder}, {stem}")
     c.add_argument("--trigger", help="as in training: counted in the caption length")
-    c.add_argument("--caption-extension", default=".txt")
+    c.add_argument("--caption-extension", default=".txt", help="as in training: sidecar caption extension "
+                   "(.txt and .caption are read too; default: %(default)s)")
     c.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     common(c)
     c.set_defaults(func=check_command)
 
     s = sub.add_parser("stats", help="sizes, buckets, tags and caption lengths")
-    s.add_argument("dir")
-    s.add_argument("--resolution", type=positive(int), default=512)
-    s.add_argument("--bucket-step", type=positive(int), default=64)
+    s.add_argument("dir", help="training folder")
+    s.add_argument("--resolution", type=positive(int), default=512, help="as in training: the resolution the "
+                   "buckets are made for (default: %(default)s)")
+    s.add_argument("--bucket-step", type=positive(int), default=64, help="as in training: bucket side step in "
+                   "pixels (default: %(default)s)")
     s.add_argument("--min-bucket", type=positive(int), help="smallest bucket side (default: resolution/2)")
     s.add_argument("--max-bucket", type=positive(int), help="largest bucket side (default: resolution*2)")
     s.add_argument("--no-upscale", action="store_true", help="as in training: small images keep their size")
-    s.add_argument("--caption-fallback", help="as in training")
-    s.add_argument("--tokenizer", help="CLIP tokenizer folder for exact caption lengths")
+    s.add_argument("--caption-fallback", help="as in training: folder, filename or a template with {folder}, {stem}")
+    s.add_argument("--tokenizer", help="CLIP tokenizer folder for exact caption lengths (default: an estimate)")
     s.add_argument("--plot", metavar="FILE.png", help="write the charts to this PNG (outside DIR)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable statistics on stdout")
     common(s)
     s.set_defaults(func=stats_command)
 
     e = sub.add_parser("caption", help="bulk-edit sidecar captions (with a backup)")
-    e.add_argument("dir")
+    e.add_argument("dir", help="training folder whose captions to edit")
     e.add_argument("--trigger", help="trigger word put in front of every caption (unless already there)")
     e.add_argument("--prefix", help="same as --trigger, for any text")
     e.add_argument("--replace", action="append", default=[], metavar="OLD=NEW", help="replace a tag (repeatable)")
@@ -203,32 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--create-missing", metavar="filename|folder|TEMPLATE",
                    help="write captions for images without one ({folder} and {stem} in a template)")
     e.add_argument("--extension", default=".txt", help="caption extension to create (existing .txt/.caption "
-                   "files are edited where they are)")
+                   "files are edited where they are; default: %(default)s)")
     e.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
     e.add_argument("--restore", metavar="BACKUP", help="undo an edit: put back the files of this backup folder")
     common(e, workers=False)
     e.set_defaults(func=caption_command)
 
     r = sub.add_parser("resize", help="write upright, flattened, resized copies into OUT")
-    r.add_argument("dir")
-    r.add_argument("out")
-    r.add_argument("--max-side", type=positive(int), help="shrink so that the longer side is at most this")
+    r.add_argument("dir", help="training folder to read")
+    r.add_argument("out", help="folder to write the copies into")
+    r.add_argument("--max-side", type=positive(int), help="shrink so that the longer side is at most this "
+                   "(default: no limit)")
     r.add_argument("--buckets", type=positive(int), metavar="RESOLUTION",
                    help="scale and centre-crop to the trainer's buckets at this resolution")
-    r.add_argument("--bucket-step", type=positive(int), default=64)
+    r.add_argument("--bucket-step", type=positive(int), default=64, help="with --buckets: bucket side step in "
+                   "pixels (default: %(default)s)")
     r.add_argument("--no-upscale", action="store_true", help="with --buckets: small images keep their size")
     r.add_argument("--background", type=colour, default=(255, 255, 255), metavar="COLOUR",
                    help="colour that transparency is flattened onto (default #ffffff)")
     r.add_argument("--format", default="keep", choices=["keep", "png", "jpg", "webp"],
-                   help="keep: JPEG stays JPEG, everything else becomes PNG")
-    r.add_argument("--quality", type=positive(int), default=95, help="JPEG/WebP quality")
+                   help="keep: JPEG stays JPEG, everything else becomes PNG (default: %(default)s)")
+    r.add_argument("--quality", type=positive(int), default=95, help="JPEG/WebP quality (default: %(default)s)")
     r.add_argument("--overwrite", action="store_true", help="replace files that already exist in OUT")
     common(r)
     r.set_defaults(func=resize_command)
 
     v = sub.add_parser("convert", help="between metadata.jsonl and sidecar captions (kohya folders too)")
-    v.add_argument("dir")
-    v.add_argument("--to", required=True, choices=["jsonl", "sidecar"])
+    v.add_argument("dir", help="training folder")
+    v.add_argument("--to", required=True, choices=["jsonl", "sidecar"],
+                   help="jsonl: metadata.jsonl per folder; sidecar: one caption file beside each image")
     v.add_argument("--out", help="write a converted copy here (images hard-linked or copied); DIR is untouched")
     v.add_argument("--one-file", action="store_true", help="with --to jsonl: one metadata.jsonl at the top")
     v.add_argument("--dry-run", action="store_true", help="show what would be written")
@@ -236,14 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=convert_command)
 
     y = sub.add_parser("synth", help="generate a synthetic captioned dataset")
-    y.add_argument("kind", choices=["shapes"])
-    y.add_argument("out")
-    y.add_argument("--n", type=positive(int), default=100)
-    y.add_argument("--seed", type=int, default=0)
-    y.add_argument("--size", type=positive(int), default=64)
+    y.add_argument("kind", choices=["shapes"], help="kind of dataset: shapes (coloured shapes, captioned)")
+    y.add_argument("out", help="new or empty folder to write it into")
+    y.add_argument("--n", type=positive(int), default=100, help="number of images (default: %(default)s)")
+    y.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    y.add_argument("--size", type=positive(int), default=64, help="image side in pixels (default: %(default)s)")
     y.add_argument("--shapes", nargs="+", help="shapes to draw (default: the base shapes)")
-    y.add_argument("--colours", nargs="+")
-    y.add_argument("--backgrounds", nargs="+")
+    y.add_argument("--colours", nargs="+", help="shape colours to use (default: all)")
+    y.add_argument("--backgrounds", nargs="+", help="background colours to use (default: all)")
     y.add_argument("--word", action="append", default=[], metavar="SHAPE=WORD", help="caption a shape as WORD")
     y.set_defaults(func=synth_command)
     return p

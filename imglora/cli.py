@@ -144,6 +144,22 @@ def ui_command(args) -> None:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+TRAIN_EXAMPLES = """\
+examples:
+  # a first run: a folder of captioned images and the embedded model, written to ./output
+  imglora train --data photos
+
+  # Stable Diffusion 1.5 from a local diffusers folder, text encoder adapted too
+  imglora train --data photos --model models/sd15 --resolution 512 --rank 16 --train-text-encoder
+
+  # continue that run from its newest checkpoint in ./output/checkpoints (same flags plus --resume)
+  imglora train --data photos --model models/sd15 --resolution 512 --rank 16 --train-text-encoder --resume latest
+
+  # settings from a TOML file (keys are the flag names with _ for -); flags given as well override it
+  imglora train --config run.toml
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -151,71 +167,84 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images with adapters blended")
     g.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file, repeatable")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative", default="")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance", type=float)
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--batch", type=int, default=1, help="images, with seeds SEED, SEED+1, ...")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="adapter file and its blend weight (default weight: 1.0), repeatable")
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--negative", default="", help="negative prompt (default: none)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+    g.add_argument("--steps", type=int, help="inference steps (default: the model's, else 50)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 7.5; "
+                   "5.0 for SDXL)")
+    g.add_argument("--width", type=int, help="image width in pixels (default: the model's resolution)")
+    g.add_argument("--height", type=int, help="image height in pixels (default: the model's resolution)")
+    g.add_argument("--batch", type=int, default=1, help="images, with seeds SEED, SEED+1, ... (default: %(default)s)")
     g.add_argument("--out", help="output PNG (default: the next free imglora-NNNNN.png)")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="precision of the model weights (default: %(default)s)")
     g.set_defaults(func=generate_command)
 
-    t = sub.add_parser("train", help="train an adapter on a folder of captioned images")
+    t = sub.add_parser("train", help="train an adapter on a folder of captioned images",
+                       description="Train a LoRA adapter on a folder of captioned images.\n"
+                                   "Settings: the defaults, then the --config TOML, then the flags given.",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(t)
     t.set_defaults(func=train_command)
 
     i = sub.add_parser("inspect", help="format, base model, rank, alpha, targets and metadata of an adapter")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("file", help="adapter .safetensors file (kohya or diffusers format)")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.set_defaults(func=inspect_command)
 
     c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format")
-    c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("input", help="adapter file to read (kohya or diffusers format)")
+    c.add_argument("output", help="adapter file to write")
     c.add_argument("--to", choices=["kohya", "diffusers"], required=True, help=FORMAT_HELP)
-    c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say "
+                   "(default: the file's)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     c.set_defaults(func=convert_command)
 
     m = sub.add_parser("merge", help="blend adapters into one file (exact, or SVD to --rank)")
-    m.add_argument("output")
-    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]")
-    m.add_argument("--rank", type=int)
-    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help=FORMAT_HELP)
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("output", help="merged adapter file to write")
+    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]",
+                   help="adapters to blend, each with its weight (default weight: 1.0)")
+    m.add_argument("--rank", type=int, help="compress the result to this rank by SVD (default: exact "
+                   "concatenation, rank = the sum of the ranks)")
+    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya",
+                   help=FORMAT_HELP + " (default: %(default)s)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     m.set_defaults(func=merge_command)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD")
-    r.add_argument("input")
-    r.add_argument("output")
-    r.add_argument("--rank", type=int, required=True)
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("input", help="adapter file to read")
+    r.add_argument("output", help="adapter file to write")
+    r.add_argument("--rank", type=int, required=True, help="the new, lower rank")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     r.set_defaults(func=resize_command)
 
     d = sub.add_parser("demo", help="teach the embedded model a new shape and show before/after")
-    d.add_argument("--output", default="imglora-demo", help="folder for the dataset, adapter and images")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--output", default="imglora-demo", help="folder for the dataset, adapter and images "
+                   "(default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the dataset and the training (default: %(default)s)")
     d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
     d.add_argument("--ui", action="store_true", help="then open the app with the new adapter")
-    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--port", type=int, default=7860, help="port of the app with --ui (default: %(default)s)")
     d.set_defaults(func=demo_command)
 
     u = sub.add_parser("ui", help="open the web app to blend and compare adapters")
     u.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
     u.add_argument("--adapters", default="adapters", help="folder of .safetensors adapters (default: ./adapters)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    u.add_argument("--port", type=int, default=7860)
-    u.add_argument("--auth", help="user:password required to open the app")
+    u.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    u.add_argument("--auth", help="user:password required to open the app (default: none)")
     u.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    u.add_argument("--device", default="cpu")
-    u.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload accepted")
-    u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models")
+    u.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    u.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload accepted "
+                   "(default: %(default)s)")
+    u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models "
+                   "(default: ./%(default)s)")
     u.set_defaults(func=ui_command)
     return p
 

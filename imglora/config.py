@@ -1,4 +1,5 @@
-"""Training configuration: one flat dataclass whose fields are the CLI flags and the TOML keys.
+"""Training configuration: one flat dataclass whose fields are the CLI flags and the TOML keys
+(HELP_GROUPS sorts them into the sections of `imglora train --help`).
 
 Defaults, then `--config run.toml`, then flags. An unknown key or a wrong type is an error naming the
 key; cross-field checks live in `__post_init__`.
@@ -24,18 +25,27 @@ FORMAT_HELP = ("file format: kohya (read by A1111, Forge, ComfyUI, kohya and dif
                "keys, read by diffusers' load_lora_weights; ComfyUI ignores its UNet attention keys, A1111 reads none)")
 
 
+TARGETS_HELP = ("UNet layers to adapt. cross-attn: the q/k/v/out projections of the cross-attention (attn2); attn: "
+                "those of the self- and cross-attention (attn1, attn2); transformer: every Linear and 1x1 conv of the "
+                "transformer blocks, i.e. attention, feed-forward and proj_in/proj_out (as kohya); conv: transformer "
+                "plus the ResNet blocks' convolutions (conv1, conv2, conv_shortcut, time_emb_proj) and the down-/"
+                "up-sampler convs (kohya's LoCon set; 3x3 ones use --conv-rank)")
+
+
 @dataclass
 class TrainConfig:
     # what to train on
     model: str | None = opt(None, "diffusers folder or .safetensors/.ckpt checkpoint (default: the embedded model)")
-    model_config: str | None = opt(None, "diffusers folder whose configs describe a single-file checkpoint")
-    data: str | None = opt(None, "folder of images with .txt/.caption captions, metadata.jsonl or N_name repeat folders")
-    reg_data: str | None = opt(None, "regularisation (class) images for prior preservation")
+    model_config: str | None = opt(None, "diffusers folder whose configs describe a single-file checkpoint "
+                                         "(needed with a .safetensors/.ckpt --model: nothing is downloaded)")
+    data: str | None = opt(None, "folder of images with .txt/.caption captions, metadata.jsonl or N_name repeat "
+                                 "folders (required, as a flag or in the TOML)")
+    reg_data: str | None = opt(None, "regularisation (class) images for prior preservation (default: none)")
     prior_loss_weight: float = opt(1.0, "loss weight of the regularisation images")
     caption_extension: str = opt(".txt", "sidecar caption extension (.caption is also read)")
     caption_fallback: str | None = opt(None, "caption for images without one: folder, filename, or a template "
-                                             "with {folder} and {stem}")
-    trigger: str | None = opt(None, "trigger word or prefix put in front of every caption")
+                                             "with {folder} and {stem} (default: none: such images are skipped)")
+    trigger: str | None = opt(None, "trigger word or prefix put in front of every caption (default: none)")
     max_bad: float = opt(0.1, "stop before training if more than this fraction of images is unusable")
     min_image_side: int = opt(32, "images with a side shorter than this are skipped")
     val_count: int = opt(0, "held-out images for a deterministic validation loss")
@@ -46,17 +56,17 @@ class TrainConfig:
     save_precision: str = opt("fp16", "tensor precision of the saved adapter", ("fp32", "fp16", "bf16"))
     save_every: int = opt(0, "save a resumable checkpoint every N steps (0: only at the end and on Ctrl-C)")
     keep_last: int = opt(3, "checkpoints to keep")
-    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from")
+    resume: str | None = opt(None, "'latest' or a checkpoint folder to continue from (default: start a new run)")
     overwrite: bool = opt(False, "replace an existing OUTPUT/NAME.safetensors")
     sample_every: int = opt(0, "render sample images every N steps (0: only at the end if prompts are given)")
-    sample_prompts: list[str] = opt(None, "prompts for sample images (repeat the flag, or a TOML list)",
+    sample_prompts: list[str] = opt(None, "prompts for sample images (repeat the flag, or a TOML list; default: none)",
                                     flag="--sample-prompt")
-    sample_prompts_file: str | None = opt(None, "file with one sample prompt per line")
+    sample_prompts_file: str | None = opt(None, "file with one sample prompt per line (default: none)")
     sample_steps: int | None = opt(None, "inference steps for samples (default: the model's)")
     sample_guidance: float | None = opt(None, "guidance for samples (default: the model's)")
-    val_every: int = opt(0, "validation loss every N steps (default: at each checkpoint and the end)")
+    val_every: int = opt(0, "validation loss on --val-count images every N steps (0: at each checkpoint and the end)")
     # adapter
-    targets: str = opt("cross-attn", "UNet layers to adapt", ("cross-attn", "attn", "transformer", "conv"))
+    targets: str = opt("cross-attn", TARGETS_HELP, ("cross-attn", "attn", "transformer", "conv"))
     rank: int = opt(16, "LoRA rank r")
     alpha: float | None = opt(None, "LoRA alpha; scale = alpha / rank (default: alpha = rank)")
     conv_rank: int | None = opt(None, "rank of 3x3 convolutions with --targets conv (default: rank)")
@@ -67,7 +77,7 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
     # optimisation
     steps: int | None = opt(None, "training steps (default: 500 unless --epochs is given)")
-    epochs: int | None = opt(None, "passes over the data (instead of --steps)")
+    epochs: int | None = opt(None, "passes over the data (default: none, --steps counts)")
     batch_size: int = opt(4, "images per step (per process)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(1e-4, "learning rate of the UNet adapter")
@@ -84,7 +94,7 @@ class TrainConfig:
     compile: bool = opt(False, "compile the UNet with torch.compile: minutes of compiling first, for long GPU runs "
                                "(on CPU it measured slower than eager)")
     quantize_base: str | None = opt(None, "store the frozen UNet's Linear weights in int8 or fp8 (needs torchao; "
-                                          "fp8 needs a GPU that has it)", ("int8", "fp8"))
+                                          "fp8 needs a GPU that has it; default: off)", ("int8", "fp8"))
     # data processing and loss
     resolution: int | None = opt(None, "training resolution (default: the model's native size)")
     bucket_step: int = opt(64, "aspect-ratio bucket side step in pixels")
@@ -96,7 +106,7 @@ class TrainConfig:
     cache_latents: str = opt("memory", "encode images once", ("memory", "disk", "none"))
     cache_dir: str | None = opt(None, "disk latent cache folder (default: OUTPUT/.cache)")
     cache_text: bool = opt(True, "encode captions once when the text encoder is frozen and captions are fixed")
-    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common)")
+    min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; default: off)")
     noise_offset: float = opt(0.0, "noise offset")
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption")
     shuffle_captions: bool = opt(False, "shuffle comma-separated tags")
@@ -127,6 +137,25 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# The sections of `imglora train --help`, in order; every field is in exactly one.
+HELP_GROUPS = {
+    "data": ("data", "reg_data", "prior_loss_weight", "caption_extension", "caption_fallback", "trigger", "max_bad",
+             "min_image_side", "val_count", "resolution", "bucket_step", "min_bucket", "max_bucket", "no_upscale",
+             "crop", "flip", "caption_dropout", "shuffle_captions", "keep_tokens"),
+    "model": ("model", "model_config", "device"),
+    "adapter": ("targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp", "init",
+                "lora_dropout"),
+    "optimisation": ("steps", "epochs", "batch_size", "grad_accum", "lr", "text_encoder_lr", "optimizer",
+                     "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm", "min_snr_gamma", "noise_offset",
+                     "seed"),
+    "speed and memory": ("mixed_precision", "gradient_checkpointing", "compile", "quantize_base", "cache_latents",
+                         "cache_dir", "cache_text", "workers"),
+    "output": ("output", "name", "save_format", "save_precision", "overwrite", "log_every"),
+    "sampling": ("sample_every", "sample_prompts", "sample_prompts_file", "sample_steps", "sample_guidance",
+                 "val_every"),
+    "resume": ("resume", "save_every", "keep_last"),
+}
+
 
 def _base_type(tp):
     """str | None -> str; list[str] -> list."""
@@ -154,20 +183,35 @@ def _check_type(key: str, value):
     return value
 
 
+def help_text(f: dataclasses.Field) -> str:
+    """The field's help with its default written in: the parser's defaults are None, so argparse cannot show it."""
+    text = f.metadata["help"]
+    if f.default is not None:
+        text += f" (default: {('on' if f.default else 'off') if isinstance(f.default, bool) else f.default})"
+    return text.replace("%", "%%")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; defaults are None so that only flags actually given override the TOML."""
-    parser.add_argument("--config", help="TOML file whose keys are these flags' names (with _ for -)")
+    """One flag per field, in HELP_GROUPS' sections; defaults are None so that only flags actually given override
+    the TOML."""
+    parser.add_argument("--config", help="TOML file whose keys are these flags' names (with _ for -); "
+                                         "flags given as well override it")
     hints = typing.get_type_hints(TrainConfig)
-    for name, f in FIELDS.items():
-        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
-        tp = _base_type(hints[name])
-        kwargs = {"dest": name, "default": None, "help": f.metadata["help"]}
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif tp is list:
-            parser.add_argument(flag, action="append", **kwargs)
-        else:
-            parser.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kwargs)
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = FIELDS[name]
+            flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+            tp = _base_type(hints[name])
+            kwargs = {"dest": name, "default": None, "help": help_text(f)}
+            if tp is bool:
+                # --x/--no-x; a field already named no_x is a plain switch, not --no-x/--no-no-x
+                action = "store_true" if name.startswith("no_") else argparse.BooleanOptionalAction
+                group.add_argument(flag, action=action, **kwargs)
+            elif tp is list:
+                group.add_argument(flag, action="append", **kwargs)
+            else:
+                group.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kwargs)
 
 
 def load_config(args: argparse.Namespace) -> TrainConfig:
