@@ -2,7 +2,7 @@
 (HELP_GROUPS sorts them into the sections of `imglora train --help`).
 
 Defaults, then `--config run.toml`, then flags. An unknown key or a wrong type is an error naming the
-key; cross-field checks live in `__post_init__`.
+key; cross-field checks live in `TrainConfig.check()`, run once everything is merged.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
+from .kinds import kind_for
 from .layer import LoraLayer
 from .state import COMPONENTS, Adapter, Blend, LoraModule, split_component
 
@@ -101,22 +102,19 @@ class Adapters:
         base = base.base if isinstance(base, LoraLayer) else base
         if not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise AdapterError(f"module {key} is a {type(base).__name__}, not a Linear or Conv2d")
-        w = base.weight
-        conv = isinstance(base, nn.Conv2d)
-        a_in = module.A.shape[1:] if conv else module.A.reshape(module.A.shape[0], -1).shape[1:]
-        want_in = tuple(w.shape[1:]) if conv else (w.shape[1],)
-        ok = (tuple(a_in) == want_in and module.B.shape[0] == w.shape[0]
-              and module.B.reshape(module.B.shape[0], -1).shape[1] == module.A.shape[0])
-        if not ok:
-            raise AdapterError(f"module {key}: shapes A {tuple(module.A.shape)}, B {tuple(module.B.shape)} do not fit "
-                               f"the model's weight {tuple(w.shape)}")
+        try:
+            why = kind_for(module).misfit(module, base.weight)
+        except TypeError as e:
+            raise AdapterError(f"module {key}: {e}") from None
+        if why:
+            raise AdapterError(f"module {key}: {why}")
 
     # -- blending -------------------------------------------------------------------------------
     def set_weight(self, name: str, weight: float, te_weight: float | None = None) -> None:
         """The blend multiplier of one adapter; te_weight (if given) applies to the text encoders."""
         self._known(name)
         for key, layer in self.layers.items():
-            if name in layer.weights:
+            if name in layer.adapters:
                 is_te = not key.startswith("unet.")
                 layer.set_weight(name, te_weight if (is_te and te_weight is not None) else weight)
         self._remerge()
@@ -131,7 +129,7 @@ class Adapters:
     def enable(self, name: str, on: bool = True) -> None:
         self._known(name)
         for layer in self.layers.values():
-            if name in layer.enabled:
+            if name in layer.adapters:
                 layer.enable(name, on)
         self._remerge()
 
@@ -146,7 +144,7 @@ class Adapters:
             if rows is None:
                 layer.set_sample_weights([], None)
                 continue
-            present = [n for n in names if n in layer.A]
+            present = [n for n in names if n in layer.adapters]
             # A layer holding none of them gets a (n, 0) table: the base for every sample.
             layer.set_sample_weights(present, torch.tensor([[float(row.get(n, 0.0)) for n in present]
                                                             for row in rows]).reshape(len(rows), len(present)))
@@ -179,23 +177,20 @@ class Adapters:
 
     def parameters(self, name: str) -> list[nn.Parameter]:
         self._known(name)
-        return [p for layer in self.layers.values() if name in layer.A for p in (layer.A[name], layer.B[name])]
+        return list(self.named_parameters(name).values())
 
     def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        out = {}
-        for key, layer in self.layers.items():
-            if name in layer.A:
-                out[f"{key}.A"], out[f"{key}.B"] = layer.A[name], layer.B[name]
-        return out
+        """'{layer key}.{tensor}' (for LoRA: .A and .B) -> parameter; the keys of training checkpoints."""
+        return {f"{key}.{p}": t for key, layer in self.layers.items() if name in layer.adapters
+                for p, t in layer.adapters[name].named_parameters()}
 
     def export(self, name: str) -> Adapter:
         """The adapter's weights as detached float32 CPU tensors."""
         self._known(name)
         modules = {}
         for key, layer in self.layers.items():
-            if name in layer.A:
-                m = layer.module(name)
-                modules[key] = LoraModule(m.A.float().cpu().clone(), m.B.float().cpu().clone(), m.alpha)
+            if name in layer.adapters:
+                modules[key] = layer.module(name).detached_copy()
         return Adapter(modules)
 
     @contextlib.contextmanager
@@ -220,7 +215,7 @@ class Adapters:
         for key in list(self.layers):
             layer = self.layers[key]
             layer.remove(name)
-            if not layer.A:
+            if not layer.adapters:
                 component, path = split_component(key)
                 unwrap(self.components[component], path)
                 del self.layers[key]

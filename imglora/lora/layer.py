@@ -1,4 +1,7 @@
-"""A frozen Linear or Conv2d with any number of named low-rank adapters, applied in one fused step.
+"""A frozen Linear or Conv2d with any number of named adapters, applied in one fused step.
+
+Each adapter's tensors are a kind object (lora/kinds.py); the layer owns the blend: weights, enable,
+per-sample weights, merging, and the caches those need.
 
 y = base(x) + B_cat · diag(s) · A_cat · x, where A_cat stacks every active adapter's A along the
 rank axis, B_cat their B's, and s holds weight·alpha/rank for each rank column. However many
@@ -8,29 +11,27 @@ weights, s becomes one row per sample, so one batch can render several blends at
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .state import LoraModule
+from .kinds import Kind, LowRank, kind_for
 
 
-class _Params(nn.ParameterDict):
-    """Parameters by adapter name, prefixed inside so that any name ('train', 'keys') is safe as an attribute."""
+class _Named(nn.ModuleDict):
+    """Kinds by adapter name, prefixed inside so that any name ('train', 'keys') is safe as an attribute."""
 
     def __getitem__(self, name):
-        return super().__getitem__("p_" + name)
+        return super().__getitem__("k_" + name)
 
     def __setitem__(self, name, value):
-        super().__setitem__("p_" + name, value)
+        super().__setitem__("k_" + name, value)
 
     def __delitem__(self, name):
-        super().__delitem__("p_" + name)
+        super().__delitem__("k_" + name)
 
     def __contains__(self, name):
-        return super().__contains__("p_" + name)
+        return super().__contains__("k_" + name)
 
     def keys(self):
         return [k[2:] for k in super().keys()]
@@ -43,12 +44,9 @@ class LoraLayer(nn.Module):
             raise ValueError("LoRA on grouped convolutions is not supported")
         self.base = base
         self.is_conv = isinstance(base, nn.Conv2d)
-        self.A = _Params()
-        self.B = _Params()
-        self.alphas: dict[str, float] = {}
+        self.adapters = _Named()  # name -> its Kind (lora/kinds.py): the adapter's own tensors
         self.weights: dict[str, float] = {}  # the user's blend multiplier per adapter
         self.enabled: dict[str, bool] = {}
-        self.dropouts: dict[str, float] = {}
         # (n_samples, n_active) multipliers; the batch is tiled over it (CFG doubles the batch).
         self.sample_weights: torch.Tensor | None = None
         self.sample_names: list[str] = []
@@ -63,59 +61,36 @@ class LoraLayer(nn.Module):
             return getattr(super().__getattr__("base"), name)
 
     # -- adapters -------------------------------------------------------------------------------
-    @property
-    def in_dims(self) -> tuple[int, ...]:
-        """The shape A must have after its rank axis."""
-        w = self.base.weight
-        return tuple(w.shape[1:])
-
-    @property
-    def out_dim(self) -> int:
-        return self.base.weight.shape[0]
-
     def add(self, name: str, rank: int, alpha: float, init: str = "kaiming", dropout: float = 0.0,
             dtype: torch.dtype = torch.float32) -> None:
-        """A new trainable adapter: A random, B zero, so the output starts exactly at the base."""
-        device = self.base.weight.device
-        A = torch.empty((rank, *self.in_dims), device=device, dtype=dtype)
-        if init == "gaussian":
-            nn.init.normal_(A, std=1.0 / rank)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        B = torch.zeros((self.out_dim, rank) + ((1, 1) if self.is_conv else ()), device=device, dtype=dtype)
-        self._store(name, A, B, alpha, dropout)
+        """A new trainable LoRA pair that starts exactly at the base."""
+        self._store(name, LowRank.new(self.base, rank, alpha, init=init, dropout=dropout, dtype=dtype))
 
-    def load(self, name: str, module: LoraModule, dtype: torch.dtype = torch.float32) -> None:
-        """Attach trained weights; shapes must fit this layer."""
-        device = self.base.weight.device
-        A = module.A.reshape(module.A.shape[0], *self.in_dims) if not self.is_conv else module.A
-        B = module.B.reshape(self.out_dim, module.B.shape[1], *((1, 1) if self.is_conv else ()))
-        self._store(name, A.to(device, dtype), B.to(device, dtype), module.alpha, 0.0, trainable=False)
+    def load(self, name: str, module, dtype: torch.dtype = torch.float32) -> None:
+        """Attach a file module's trained weights (frozen); Adapters has checked that it fits."""
+        self._store(name, kind_for(module).load(self.base, module, dtype=dtype))
 
-    def _store(self, name, A, B, alpha, dropout, trainable=True):
-        self.A[name] = nn.Parameter(A.contiguous(), requires_grad=trainable)
-        self.B[name] = nn.Parameter(B.contiguous(), requires_grad=trainable)
-        self.alphas[name] = float(alpha)
+    def _store(self, name: str, kind: Kind) -> None:
+        self.adapters[name] = kind
         self.weights.setdefault(name, 1.0)
         self.enabled[name] = True
-        self.dropouts[name] = dropout
         self.changed()
 
     def remove(self, name: str) -> None:
-        for d in (self.A, self.B):
-            if name in d:
-                del d[name]
-        for d in (self.alphas, self.weights, self.enabled, self.dropouts):
+        if name in self.adapters:
+            del self.adapters[name]
+        for d in (self.weights, self.enabled):
             d.pop(name, None)
         self.changed()
 
-    def module(self, name: str) -> LoraModule:
-        return LoraModule(self.A[name].detach(), self.B[name].detach(), self.alphas[name])
+    def module(self, name: str):
+        """The adapter's detached file-side module (lora/state.py)."""
+        return self.adapters[name].state()
 
     def active(self) -> list[str]:
         if self.sample_weights is not None:
             return self.sample_names
-        return [n for n in self.A.keys() if self.enabled[n] and self.weights[n] != 0.0]
+        return [n for n in self.adapters.keys() if self.enabled[n] and self.weights[n] != 0.0]
 
     def changed(self) -> None:
         """Call after changing adapter tensors in place (an optimizer step): inference caches rebuild."""
@@ -140,23 +115,24 @@ class LoraLayer(nn.Module):
         """Σ weight·(alpha/rank)·B·A over the active adapters, in float32, shaped like the base weight."""
         total = torch.zeros_like(self.base.weight, dtype=torch.float32)
         for n in self.active() if names is None else names:
-            total += self.weights[n] * self.module(n).delta().to(total.device)
+            total += self.weights[n] * self.adapters[n].delta().to(total.device)
         return total
 
     def _scales(self, names: list[str], device) -> torch.Tensor:
         """weight·alpha/rank for every rank column of the stack, shape (R,)."""
-        return torch.cat([torch.full((self.A[n].shape[0],), self.weights[n] * self.alphas[n] / self.A[n].shape[0],
-                                     device=device) for n in names])
+        return torch.cat([torch.full((self.adapters[n].rank,), self.weights[n] * self.adapters[n].alpha
+                                     / self.adapters[n].rank, device=device) for n in names])
 
     def _stack(self, names: list[str]):
-        A = self.A[names[0]] if len(names) == 1 else torch.cat([self.A[n] for n in names], 0)
-        B = self.B[names[0]] if len(names) == 1 else torch.cat([self.B[n] for n in names], 1)
-        return A, B
+        pairs = [self.adapters[n] for n in names]
+        if len(pairs) == 1:
+            return pairs[0].A, pairs[0].B
+        return torch.cat([k.A for k in pairs], 0), torch.cat([k.B for k in pairs], 1)
 
     def _sample_columns(self, names: list[str], device) -> torch.Tensor:
         """(n_samples, R): each sample's weight·alpha/rank for every rank column of the stack."""
-        ranks = torch.tensor([self.A[m].shape[0] for m in names])
-        per_col = torch.repeat_interleave(torch.tensor([self.alphas[m] for m in names]) / ranks, ranks)
+        ranks = torch.tensor([self.adapters[m].rank for m in names])
+        per_col = torch.repeat_interleave(torch.tensor([self.adapters[m].alpha for m in names]) / ranks, ranks)
         return (torch.repeat_interleave(self.sample_weights, ranks, dim=1) * per_col).to(device)
 
     def _inference_plan(self, x: torch.Tensor):
@@ -203,7 +179,7 @@ class LoraLayer(nn.Module):
         out = self.base(x)
         if self._backup is not None:  # merged: the base weight already holds the blend
             return out
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.A.parameters())):
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())):
             names, A, B, cols = self._inference_plan(x)
             if not names:
                 return out
@@ -215,10 +191,11 @@ class LoraLayer(nn.Module):
         names = self.active()
         if not names:
             return out
-        if self.training and any(self.dropouts[n] > 0 for n in names):
+        if self.training and any(self.adapters[n].dropout > 0 for n in names):
             for n in names:
-                h = self._down(F.dropout(x.to(self.A[n].dtype), self.dropouts[n]), self.A[n])
-                out = out + (self._up(h, self.B[n]) * (self.weights[n] * self.alphas[n] / self.A[n].shape[0])).to(out.dtype)
+                k = self.adapters[n]
+                h = self._down(F.dropout(x.to(k.A.dtype), k.dropout), k.A)
+                out = out + (self._up(h, k.B) * (self.weights[n] * k.alpha / k.rank)).to(out.dtype)
             return out
         A, B = self._stack(names)
         # Under autocast the matmul runs in half precision anyway: casting x up to float32 first

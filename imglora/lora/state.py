@@ -35,6 +35,13 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def detached_copy(self) -> "LoraModule":
+        """Float32 CPU copies, independent of any live parameter."""
+        return LoraModule(self.A.float().cpu().clone(), self.B.float().cpu().clone(), self.alpha)
+
+    def num_parameters(self) -> int:
+        return self.A.numel() + self.B.numel()
+
     def delta(self) -> torch.Tensor:
         """ΔW in float32, shaped like the base weight."""
         A, B = self.A.float(), self.B.float()
@@ -62,7 +69,7 @@ class Adapter:
         return Counter(m.alpha for m in self.modules.values())
 
     def num_parameters(self) -> int:
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        return sum(m.num_parameters() for m in self.modules.values())
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from ..formats.files import atomic_dir, atomic_write

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import math
-import random
 import signal
 import time
 from datetime import datetime, timezone

@@ -23,7 +23,7 @@ def _random_adapter(layer, name, rank, alpha, seed):
     g = torch.Generator().manual_seed(seed)
     layer.add(name, rank, alpha)
     # B starts at zero; fill it so that the adapter does something (peft's set_init_weights_false).
-    layer.B[name].data = torch.randn(layer.B[name].shape, generator=g) * 0.5
+    layer.adapters[name].B.data = torch.randn(layer.adapters[name].B.shape, generator=g) * 0.5
     return layer.module(name)
 
 
@@ -36,9 +36,9 @@ def test_new_adapter_starts_at_the_base(kind):
     layer = LoraLayer(base)
     layer.add("a", rank=4, alpha=4)
     assert torch.equal(layer(x), expected)
-    assert layer.B["a"].abs().sum() == 0 and layer.A["a"].abs().sum() > 0
+    assert layer.adapters["a"].B.abs().sum() == 0 and layer.adapters["a"].A.abs().sum() > 0
     layer.add("g", rank=4, alpha=4, init="gaussian")
-    assert torch.allclose(layer.A["g"].std(), torch.tensor(0.25), rtol=0.5)
+    assert torch.allclose(layer.adapters["g"].A.std(), torch.tensor(0.25), rtol=0.5)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -175,3 +175,18 @@ def test_load_is_strict(make_pipe):
     assert adapters.names == [] and not adapters.layers  # nothing half-loaded
     with pytest.raises(AdapterError, match="name"):
         adapters.load("../evil", Adapter({}))
+    with pytest.raises(AdapterError, match=f"module {key}: no adapter kind holds a dict"):
+        adapters.load("x", Adapter({key: {"hada_w1_a": torch.zeros(2, 16)}}))
+    assert adapters.names == [] and not adapters.layers
+
+
+def test_parameters_are_named_for_checkpoints(make_pipe):
+    """Training checkpoints store '{layer}.A' / '{layer}.B': the names must not move with the layer's insides."""
+    adapters = Adapters(make_pipe("sd1"))
+    keys = adapters.targets("cross-attn")
+    params = adapters.create("x", keys, rank=2)
+    named = adapters.named_parameters("x")
+    assert list(named) == [f"{k}.{t}" for k in keys for t in ("A", "B")]
+    assert [id(p) for p in params] == [id(p) for p in named.values()]
+    layer = adapters.layers[keys[0]]
+    assert named[f"{keys[0]}.A"] is layer.adapters["x"].A and layer.module("x").rank == 2

@@ -20,7 +20,7 @@ def _adapt(model):
     """LoRA on the middle layer, B filled so that it contributes."""
     layer = LoraLayer(model[2])
     layer.add("a", rank=4, alpha=4)
-    layer.B["a"].data.normal_(std=0.1)
+    layer.adapters["a"].B.data.normal_(std=0.1)
     model[2] = layer
     return layer
 
@@ -37,13 +37,13 @@ def test_adapter_gradients_match_the_dequantized_base():
             r.weight.data = q.weight.dequantize().float()
     torch.manual_seed(1)
     lq, lr = _adapt(quantized), _adapt(reference)
-    lr.A["a"].data, lr.B["a"].data = lq.A["a"].data.clone(), lq.B["a"].data.clone()
+    lr.adapters["a"].A.data, lr.adapters["a"].B.data = lq.adapters["a"].A.data.clone(), lq.adapters["a"].B.data.clone()
     x = torch.randn(8, 64, requires_grad=True)
     for model in (quantized, reference):
         model(x).square().mean().backward()
-    ga, gb = lq.A["a"].grad, lq.B["a"].grad
-    torch.testing.assert_close(ga, lr.A["a"].grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gb, lr.B["a"].grad, rtol=1e-4, atol=1e-6)
+    ga, gb = lq.adapters["a"].A.grad, lq.adapters["a"].B.grad
+    torch.testing.assert_close(ga, lr.adapters["a"].A.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gb, lr.adapters["a"].B.grad, rtol=1e-4, atol=1e-6)
     assert ga.abs().sum() > 0 and gb.abs().sum() > 0
 
 
