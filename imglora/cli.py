@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import FORMAT_HELP, add_arguments
 from .errors import ImgloraError, run_command
+from .threads import configure as configure_threads
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
@@ -246,11 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models "
                    "(default: ./%(default)s)")
     u.set_defaults(func=ui_command)
+    for command in sub.choices.values():
+        command.add_argument("--threads", type=int, metavar="N",
+                             help="CPU threads for torch (default: the CPUs this process may use; see README, CPU threads)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        print("imglora: --threads must be at least 1", file=sys.stderr)
+        return 2
+    configure_threads(args.threads)  # before anything loads torch
     return run_command("imglora", args.func, args)
 
 

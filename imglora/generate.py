@@ -89,22 +89,28 @@ def save_png(image: Image.Image, path, parameters: str, overwrite: bool = False)
 
 
 def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None,
-               row_labels: list[str] | None = None) -> Image.Image:
-    """Images in a grid, each with an optional caption strip under it."""
+               row_labels: list[str] | None = None, wrap: int = 40) -> Image.Image:
+    """Images in a grid, each with an optional caption strip under it; row labels (prompts) on the left,
+    wrapped at `wrap` characters a line rather than cut."""
+    import textwrap
+
     from PIL import ImageDraw
 
     w, h = images[0].size
     strip = 14 if labels else 0
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = int(max((measure.textlength(t) for t in row_labels), default=0)) + 6 if row_labels else 0
     rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (left + cols * w, rows * (h + strip)), "white")
+    wrapped = ["\n".join(textwrap.wrap(t, wrap)) or " " for t in (row_labels or [])]
+    boxes = [measure.multiline_textbbox((0, 0), t) for t in wrapped]
+    left = max((b[2] for b in boxes), default=0) + 6 if row_labels else 0
+    row_h = max([h + strip] + [b[3] + 6 for b in boxes])
+    grid = Image.new("RGB", (left + cols * w, rows * row_h), "white")
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
-        x, y = left + (i % cols) * w, (i // cols) * (h + strip)
+        x, y = left + (i % cols) * w, (i // cols) * row_h
         grid.paste(img.convert("RGB").resize((w, h)), (x, y))
         if labels:
             draw.text((x + 2, y + h + 1), labels[i][: max(8, w // 5)], fill="black")
-    for r, text in enumerate(row_labels or []):
-        draw.text((2, r * (h + strip) + h // 2 - 5), text, fill="black")
+    for r, (text, box) in enumerate(zip(wrapped, boxes)):
+        draw.multiline_text((2, r * row_h + max(0, (h - box[3]) // 2)), text, fill="black")
     return grid

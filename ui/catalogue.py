@@ -2,15 +2,17 @@
 
 Requests name an adapter; they never carry a path. A name is looked up in the last listing of the
 folder (A1111's rule: `<lora:name:w>` is a name lookup, RELIABILITY.md §3), so `../x`, `/etc/passwd`,
-`C:\\x` or `x::$DATA` match nothing and no file is opened for them. Listing reads only headers; the
-full, strict load (NaN check, key parsing) happens when an adapter is first used, and its failure is
-recorded here, so one bad file is listed with its reason and the others keep working.
+`C:\\x` or `x::$DATA` match nothing and no file is opened for them. Listing reads only headers (and
+alpha scalars): the architecture, and every module's shape against the loaded model. The full,
+strict load (NaN check) happens when an adapter is first used, and its failure is recorded here, so
+one bad file is listed with its reason and the others keep working.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +57,12 @@ def check_name(name) -> str:
 class Catalogue:
     """The adapters folder, listed by name. Thread-safe: a scan swaps in a new dict."""
 
-    def __init__(self, folder: str | os.PathLike, model_arch: str):
+    def __init__(self, folder: str | os.PathLike, model_arch: str, misfit: Callable[[Path], str | None] | None = None):
+        """misfit(path): why the file's modules do not fit the loaded model (None: they fit), from its
+        header alone; so an adapter made for another model is listed with the reason, not as usable."""
         self.folder = Path(folder).expanduser().resolve()
         self.model_arch = model_arch
+        self.misfit = misfit
         self.entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
 
@@ -104,6 +109,13 @@ class Catalogue:
             return entry
         entry.arch = arch_from_header({k: tuple(v.get("shape", ())) for k, v in header.items()}, metadata)
         self._check_arch(entry)
+        if entry.error is None and self.misfit is not None:
+            try:
+                why = self.misfit(path)
+            except ImgloraError as e:
+                why = _reason(e)
+            if why:
+                entry.error = f"does not fit this model: {why}"
         return entry
 
     def _check_arch(self, entry: Entry) -> None:

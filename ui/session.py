@@ -19,7 +19,8 @@ import torch
 from imglora.errors import ImgloraError
 from imglora.formats.files import clean_temp_files
 from imglora.generate import save_png
-from imglora.lora.adapters import Adapters
+from imglora.formats.lora_file import load_adapter_shapes
+from imglora.lora.adapters import AdapterError, Adapters
 from imglora.lora.state import Blend
 from imglora.pipeline import Model, attach, load_model
 
@@ -60,7 +61,7 @@ class Session:
         self.arch = model.arch
         self.adapters = Adapters(model.pipe)
         self.lock = threading.RLock()
-        self.catalogue = Catalogue(adapters_dir, self.arch)
+        self.catalogue = Catalogue(adapters_dir, self.arch, misfit=self._misfit)
         self.catalogue.folder.mkdir(parents=True, exist_ok=True)
         clean_temp_files(self.catalogue.folder)  # uploads a killed server left half-validated
         self.outputs = Path(outputs_dir).expanduser().resolve()
@@ -94,6 +95,14 @@ class Session:
             finally:
                 watch.remove()
                 self.pipe.scheduler = self._default_scheduler
+
+    def _misfit(self, path) -> str | None:
+        """Why a file's modules do not fit this model, from its header (the catalogue lists the reason)."""
+        try:
+            self.adapters.check(load_adapter_shapes(path, self.model.layers_per_block))
+        except AdapterError as e:
+            return str(e)
+        return None
 
     def _ensure_loaded(self, name: str) -> None:
         entry = self.catalogue.get(name)

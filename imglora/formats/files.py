@@ -24,6 +24,11 @@ from ..errors import ImgloraError
 MAX_HEADER = 100_000_000  # safetensors' own cap
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# safetensors dtype names -> torch dtypes (torch 2.3+ has every one of them)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                      "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
 TMP_MARK = ".imglora-tmp-"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,13 +15,37 @@ from . import diffusers as dfmt
 from . import kohya
 from .clients import client_misses
 from .detect import arch_from_header, detect_format
-from .files import read_safetensors, tensor_data_hash, write_safetensors
+from .files import SAFETENSORS_DTYPES, read_header, read_safetensors, tensor_data_hash, write_safetensors
 from .metadata import arch_from_metadata
 
 
 def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> tuple[Adapter, str]:
     """(adapter, format) from any supported file; every problem is an ImgloraError naming the file."""
     tensors, metadata = read_safetensors(path)
+    return parse_adapter(tensors, metadata, layers_per_block, path)
+
+
+def load_adapter_shapes(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
+    """The adapter's modules as shapes only (meta tensors; alphas and other scalars are read), from the
+    header: cheap enough to check every file of a folder against a model when it is listed."""
+    header, metadata, start = read_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for key, info in header.items():
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if math.prod(info["shape"]) <= 1:  # a scalar such as alpha: its value is needed
+                a, b = info["data_offsets"]
+                f.seek(start + a)
+                tensors[key] = torch.frombuffer(bytearray(f.read(b - a)), dtype=dtype).reshape(info["shape"]) \
+                    if b > a else torch.empty(info["shape"], dtype=dtype)
+            else:
+                tensors[key] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    adapter, _ = parse_adapter(tensors, metadata, layers_per_block, path)
+    return adapter
+
+
+def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layers_per_block: int,
+                  path: str | os.PathLike) -> tuple[Adapter, str]:
     try:
         fmt = detect_format(list(tensors))
         sdxl_hint = any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors) or \

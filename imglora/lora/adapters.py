@@ -83,12 +83,17 @@ class Adapters:
              dtype: torch.dtype = torch.float32) -> None:
         """Attach a trained adapter. Strict: every module must exist and every shape must fit, or nothing loads."""
         self._check_new(name)
-        for key, module in adapter.modules.items():
-            self._check_fits(key, module)
+        self.check(adapter)
         for key, module in adapter.modules.items():
             self._layer(key).load(name, module, dtype=dtype)
         self.names.append(name)
         self.set_weight(name, weight, te_weight)
+
+    def check(self, adapter: Adapter) -> None:
+        """AdapterError unless every module of `adapter` exists in this pipeline and fits its weight's
+        shape. Works on shapes alone: meta tensors (load_adapter_shapes) will do."""
+        for key, module in adapter.modules.items():
+            self._check_fits(key, module)
 
     def _check_fits(self, key: str, module: LoraModule) -> None:
         component, path = split_component(key)

@@ -35,7 +35,7 @@ from .data import TrainData, bucket_histogram, build_data
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_schedule
 from .quantize import quantize_frozen
-from .samples import RunLog, render_samples, validation_loss
+from .samples import RunLog, read_sample_prompts, render_samples, validation_loss
 
 NAME = "train"  # the adapter's name inside the pipeline; the file name is cfg.name
 # A checkpoint only continues the same run: these must match (RELIABILITY.md T4).
@@ -80,6 +80,8 @@ class Trainer:
             raise ImgloraError("already exists", "pass --overwrite to replace it, or --resume latest to continue",
                                path=self.final)
         torch.manual_seed(cfg.seed)
+        # Everything that can be checked is checked before step 1: a finished run is never lost to it.
+        self.sample_prompts = read_sample_prompts(cfg.sample_prompts, cfg.sample_prompts_file)
         # The data is checked before the (possibly large) model is loaded: a bad folder fails fast.
         self.resolution = cfg.resolution or native_resolution(cfg.model, cfg.model_config) or 512
         self._load_data()
@@ -251,18 +253,16 @@ class Trainer:
 
     def samples(self) -> None:
         cfg = self.cfg
-        prompts = list(cfg.sample_prompts)
-        if cfg.sample_prompts_file:
-            prompts += [line.strip() for line in Path(cfg.sample_prompts_file).read_text().splitlines() if line.strip()]
-        if not prompts or not self.main:
+        if not self.sample_prompts or not self.main:
             return
         try:
             self.adapters.changed()
             self.pipe.unet.eval()
             self.pipe.to(self.acc.device)
             with self.acc.autocast():
-                path = render_samples(self.model, self.adapters, NAME, prompts, self.out / "samples", self.step,
-                                      cfg.seed, cfg.sample_steps, cfg.sample_guidance)
+                path = render_samples(self.model, self.adapters, NAME, cfg.name, self.sample_prompts,
+                                      self.out / "samples", self.step, cfg.seed, cfg.sample_steps,
+                                      cfg.sample_guidance, self.resolution)
             self.say(f"samples: {path}")
         except Exception as e:  # a failed sample must never cost the run (RELIABILITY.md T8)
             self.say(f"warning: sampling failed at step {self.step}: {e}")
@@ -335,10 +335,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=not self.main,
                    dynamic_ncols=True)
         self.last_saved = self.step
+        smooth = None  # the loss averaged over about the last 20 steps: one step's loss is mostly noise
         try:
             while self.step < self.total_steps:
                 loss, lr, seconds = self._checked_step()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
                 self._periodic(loss, lr, seconds)
                 if interrupt.requested:

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from ui_helpers import SETTINGS, same_image
@@ -31,6 +32,26 @@ def test_the_folder_is_listed_with_a_reason_for_every_unusable_file(session):
     assert "incompatible: made for SDXL" in rows["foreign"][1]
     assert "outside the adapters folder" in rows["escape"][1]
     assert "notes" not in rows  # only .safetensors files are adapters
+
+
+def test_an_adapter_for_another_width_is_listed_unusable_with_the_reason(session, ui_files):
+    """Same family (sd1) and key names, but one layer is wider than this model's: listed with the misfit,
+    not "ok", and never counted usable (the shape check reads only the header)."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(ui_files["adapters"] / "style_b.safetensors")
+    down = sorted(k for k in tensors if k.endswith("lora_down.weight"))[0]
+    tensors[down] = torch.cat([tensors[down], tensors[down]], dim=1)
+    path = ui_files["adapters"] / "wider.safetensors"
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sd_v1"})
+    try:
+        rows = {r[0]: r for r in (e.row() for e in session.catalogue.scan())}
+        assert rows["wider"][1].startswith("does not fit this model: module unet.") and "do not fit" in rows["wider"][1]
+        assert rows["wider"][2] == "SD 1.x" and "wider" not in session.catalogue.names()
+        assert rows["style_b"][1] == "ok"
+    finally:
+        path.unlink()
+        session.catalogue.scan()
 
 
 def test_a_blend_gives_the_librarys_image_and_the_png_records_it(session, expected):
