@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -125,14 +126,58 @@ class TrainConfig:
             raise ImgloraError("no training data given", "pass --data FOLDER (or data = \"...\" in the TOML)")
         if self.steps is not None and self.epochs is not None:
             raise ImgloraError("both --steps and --epochs given", "choose one")
-        for name in ("rank", "batch_size", "grad_accum", "bucket_step", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ImgloraError(f"--{name.replace('_', '-')} must be at least 1")
+        for name, (lo, hi, lo_open) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ImgloraError(f"{_flag(name)} must be a finite number, got {value}")
+            if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+                bound = f"{'above' if lo_open else 'at least'} {lo}" + (f" and at most {hi}" if hi is not None else "")
+                raise ImgloraError(f"{_flag(name)} must be {bound}, got {value}", _RANGE_FIX.get(name, ""))
+        for name in ("resolution", "bucket_step", "min_bucket", "max_bucket"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ImgloraError(f"{_flag(name)} {value} is not a multiple of 8",
+                                   "image sides must be multiples of 8 to make a latent (the VAE shrinks 8x)")
+        if self.resolution is not None and self.resolution < self.bucket_step:
+            raise ImgloraError(f"--resolution {self.resolution} is smaller than --bucket-step {self.bucket_step}",
+                               "lower --bucket-step or raise --resolution")
+        if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
+            raise ImgloraError("--min-bucket is larger than --max-bucket", "swap them")
+        if self.save_precision == "fp16":
+            alphas = [a for a in (self.alpha, self.conv_alpha) if a is not None] or [self.rank]
+            if max(alphas) > 65504:  # it would be saved as inf: a run lost at its very end
+                raise ImgloraError(f"alpha {max(alphas):g} does not fit --save-precision fp16 (largest 65504)",
+                                   "use --save-precision bf16 or fp32, or a smaller --alpha")
         if self.crop == "random" and self.cache_latents != "none":
             raise ImgloraError("--crop random needs fresh crops every epoch, so latents cannot be cached",
                                "add --cache-latents none, or use --crop center")
-        if not 0 <= self.caption_dropout < 1 or not 0 <= self.max_bad <= 1:
-            raise ImgloraError("--caption-dropout must be in [0, 1) and --max-bad in [0, 1]")
+
+
+def _flag(name: str) -> str:
+    return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+# Numeric ranges, checked before anything is loaded: name -> (low, high or None, low excluded).
+RANGES = {
+    "steps": (1, None, False), "epochs": (1, None, False), "batch_size": (1, None, False),
+    "grad_accum": (1, None, False), "rank": (1, 4096, False), "conv_rank": (1, 4096, False),
+    "alpha": (0, None, True), "conv_alpha": (0, None, True), "lr": (0, 10, True), "text_encoder_lr": (0, 10, True),
+    "weight_decay": (0, 10, False), "warmup_steps": (0, None, False), "max_grad_norm": (0, None, False),
+    "lora_dropout": (0, 0.99, False), "seed": (0, 2**63 - 1, False), "val_count": (0, None, False),
+    "val_every": (0, None, False), "sample_every": (0, None, False), "save_every": (0, None, False),
+    "log_every": (1, None, False), "keep_last": (1, None, False), "prior_loss_weight": (0, None, False),
+    "noise_offset": (0, 1, False), "min_snr_gamma": (0, None, True), "caption_dropout": (0, 0.99, False),
+    "keep_tokens": (0, None, False), "workers": (1, 256, False), "max_bad": (0, 1, False),
+    "min_image_side": (1, None, False), "sample_steps": (1, 1000, False), "sample_guidance": (0, 100, False),
+    "resolution": (8, 8192, False), "bucket_step": (8, None, False), "min_bucket": (8, None, False),
+    "max_bucket": (8, None, False),
+}
+_RANGE_FIX = {"alpha": "alpha 0 trains nothing: the update is scaled by alpha/rank (default alpha = rank)",
+              "conv_alpha": "alpha 0 trains nothing: the update is scaled by alpha/rank",
+              "steps": "give at least one step, or leave --steps out for the default 500",
+              "epochs": "give at least one epoch", "lr": "typical LoRA rates are 1e-5 to 1e-3 (Prodigy: 1.0)"}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -222,6 +267,8 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
             toml = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise ImgloraError(f"cannot read ({e.strerror})", "check the path", path=path) from None
+        except UnicodeDecodeError as e:
+            raise ImgloraError(f"not UTF-8 text (byte {e.start})", "save the file as UTF-8", path=path) from None
         except tomllib.TOMLDecodeError as e:
             raise ImgloraError(f"invalid TOML ({e})", "fix the syntax", path=path) from None
         for key, value in toml.items():

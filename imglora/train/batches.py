@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ImgloraError
+from ..formats.files import clean_temp_files
 from .data import LatentCache, TrainData, encode_images, pixels, shuffle_caption, vae_fingerprint
 from .loss import encode_text, sdxl_time_ids
 
@@ -68,6 +69,7 @@ class Batches:
             disk = Path(cfg.cache_dir or out / ".cache") if cfg.cache_latents == "disk" else None
             if disk is not None:
                 disk.mkdir(parents=True, exist_ok=True)
+                clean_temp_files(disk)  # entries a killed run was writing
             self.latents = LatentCache(pipe.vae, disk, vae_fingerprint(pipe.vae))
             flips = (False, True) if cfg.flip else (False,)
             while True:  # an image that broke since the scan is dropped, which reshuffles the batches

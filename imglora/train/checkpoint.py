@@ -17,6 +17,7 @@ from ..errors import ImgloraError
 from ..formats.files import TMP_MARK, atomic_dir, read_safetensors, write_safetensors
 
 MARKER = "COMPLETE"
+STATE_KEYS = ("step", "identity", "schedule", "optimizer")  # what state.json must hold to resume
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -76,10 +77,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     adapter, _ = read_safetensors(path / "adapter.safetensors")
     opt_tensors, _ = read_safetensors(path / "optimizer.safetensors")
     try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["everything"]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        optimizer = _unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImgloraError(f"damaged state.json ({e})", "resume from another checkpoint", path=path) from None
-    optimizer = _unflatten_optimizer(opt_tensors, state.pop("optimizer"))
     return adapter, optimizer, state
 
 

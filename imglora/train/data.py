@@ -43,8 +43,12 @@ class TrainData:
         """Identifies the data a checkpoint was trained on: files, sizes, mtimes and captions."""
         h = hashlib.sha256()
         for e in self.examples + self.val:
-            st = e.path.stat()
-            h.update(f"{e.path}|{st.st_size}|{st.st_mtime_ns}|{e.caption}|{e.bucket}|{e.weight}\n".encode())
+            try:
+                st = e.path.stat()
+                stamp = f"{st.st_size}|{st.st_mtime_ns}"
+            except OSError:  # gone since the scan: the run goes on without it (Batches.drop)
+                stamp = "missing"
+            h.update(f"{e.path}|{stamp}|{e.caption}|{e.bucket}|{e.weight}\n".encode())
         return h.hexdigest()[:16]
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
@@ -158,8 +162,14 @@ class LatentCache:
         pending = []
         for path, bucket, flip in tqdm(todo, desc="caching latents", unit="img", disable=not progress):
             example = by_path[(path, bucket)]
+            key = None
             if self.disk_dir is not None:
-                file = self.disk_dir / f"{self._key(example, flip)}.safetensors"
+                try:
+                    key = self._key(example, flip)
+                except OSError as e:  # it passed the scan but is gone or unreadable now
+                    self.broken[path] = f"cannot be read ({e.strerror})"
+                    continue
+                file = self.disk_dir / f"{key}.safetensors"
                 if file.is_file():
                     try:
                         t, meta = read_safetensors(file)
@@ -172,7 +182,7 @@ class LatentCache:
             if pending and pending[-1][0].bucket != bucket:
                 self._encode(pending)
                 pending = []
-            pending.append((example, flip))
+            pending.append((example, flip, key))
             if len(pending) == batch:
                 self._encode(pending)
                 pending = []
@@ -181,22 +191,22 @@ class LatentCache:
 
     def _encode(self, pending):
         prepared, ok = [], []
-        for e, f in pending:
+        for e, f, key in pending:
             try:
                 prepared.append(pixels(e, "center", f, random.Random(0)))
-                ok.append((e, f))
+                ok.append((e, f, key))
             except ImgloraError as err:  # it passed the scan but broke since (RELIABILITY.md I8)
                 self.broken[e.path] = err.what
         pending = ok
         if not pending:
             return
         mean, std = encode_images(self.vae, torch.stack([p[0] for p in prepared]))
-        for (e, f), (_, original, crop), m, s in zip(pending, prepared, mean, std):
+        for (e, f, key), (_, original, crop), m, s in zip(pending, prepared, mean, std):
             # Kept in host memory: a large dataset's latents need not fit on the GPU.
             m, s = m.cpu(), s.cpu()
             self.memory[(e.path, e.bucket, f)] = (m, s, original, crop)
-            if self.disk_dir is not None:
-                write_safetensors(self.disk_dir / f"{self._key(e, f)}.safetensors", {"mean": m, "std": s},
+            if key is not None:
+                write_safetensors(self.disk_dir / f"{key}.safetensors", {"mean": m, "std": s},
                                   {"original": json.dumps(list(original)), "crop": json.dumps(list(crop))},
                                   overwrite=True)
 

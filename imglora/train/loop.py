@@ -13,7 +13,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import shlex
 import signal
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,9 +79,19 @@ class Trainer:
         self.out = Path(cfg.output)
         self.ckpt_root = self.out / "checkpoints"
         self.final = self.out / f"{cfg.name}.safetensors"
+        check_output(self.out, cfg)
         if self.final.exists() and not (cfg.overwrite or cfg.resume):
             raise ImgloraError("already exists", "pass --overwrite to replace it, or --resume latest to continue",
                                path=self.final)
+        self.lock = OutputLock(self.out if self.main else None)  # before anything reads or prunes its files
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self):
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         # Everything that can be checked is checked before step 1: a finished run is never lost to it.
         self.sample_prompts = read_sample_prompts(cfg.sample_prompts, cfg.sample_prompts_file)
@@ -89,6 +102,7 @@ class Trainer:
         # Only a run that got this far writes anything: a bad dataset leaves no output folder behind.
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
             clean_temp_files(self.out)
             ckpt.clean_partial(self.ckpt_root)
         self.log = RunLog(self.out / "logs", self.main)
@@ -302,6 +316,26 @@ class Trainer:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.say(f"resumed from {path} at step {self.step}")
+        self._apply_changed_rates()
+
+    def _apply_changed_rates(self) -> None:
+        """A resumed optimizer brings the checkpoint's learning rates and weight decay. A different --lr,
+        --text-encoder-lr or --weight-decay given now applies from this step on, and says so: never a new
+        value recorded in the metadata while the old one trains."""
+        wanted = [self.cfg.lr, self.cfg.text_encoder_lr or self.cfg.lr][:len(self.optimizer.param_groups)]
+        names = ["--lr", "--text-encoder-lr"]
+        for i, (group, lr) in enumerate(zip(self.optimizer.param_groups, wanted)):
+            if not math.isclose(self.schedule.base_lrs[i], lr, rel_tol=1e-12):
+                self.say(f"resume: {names[i]} {lr:g} (the checkpoint had {self.schedule.base_lrs[i]:g}) "
+                         f"applies from step {self.step}")
+                self.schedule.base_lrs[i] = group["initial_lr"] = lr
+                group["lr"] = lr * self.schedule.lr_lambdas[i](self.schedule.last_epoch)
+            if "weight_decay" in group and not math.isclose(group["weight_decay"], self.cfg.weight_decay,
+                                                            rel_tol=1e-12):
+                if i == 0:
+                    self.say(f"resume: --weight-decay {self.cfg.weight_decay:g} (the checkpoint had "
+                             f"{group['weight_decay']:g}) applies from step {self.step}")
+                group["weight_decay"] = self.cfg.weight_decay
 
     # -- Final file -----------------------------------------------------------------------------
     def save_final(self, started: str) -> Path:
@@ -312,6 +346,11 @@ class Trainer:
                                   self.step * cfg.grad_accum * self.world // self.batches.per_epoch, started)
         meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
+        largest = max(float(t.abs().max()) for m in adapter.modules.values() for t in (m.A, m.B))
+        if largest > torch.finfo(dtype).max:  # the trained run is never lost to the cast
+            self.say(f"warning: a weight of {largest:.3g} does not fit --save-precision {cfg.save_precision}; "
+                     "saving in fp32 instead")
+            dtype = torch.float32
         lpb = self.model.layers_per_block
         path = save_adapter(self.final, adapter, fmt=cfg.save_format, metadata=meta,
                             overwrite=True, layers_per_block=lpb, dtype=dtype)
@@ -345,10 +384,11 @@ class Trainer:
                 self._periodic(loss, lr, seconds)
                 if interrupt.requested:
                     self._stop_at_interrupt()
+            return self._finish(started)
         finally:
             bar.close()
             interrupt.restore()
-        return self._finish(started)
+            self.lock.release()
 
     def _checked_step(self) -> tuple[float, float, float]:
         """One optimizer step: (loss, learning rate it used, seconds); a non-finite loss stops the run."""
@@ -379,6 +419,7 @@ class Trainer:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the save
         if self.last_saved != self.step:
             self.save_checkpoint()
+        self.say(f"stopped at step {self.step} of {self.total_steps}; to continue: {resume_command()}")
         raise KeyboardInterrupt
 
     def _finish(self, started: str) -> Path:
@@ -413,6 +454,64 @@ class Trainer:
         if value is not None:
             self.log.log(self.step, val_loss=value)
             self.say(f"step {self.step}: validation loss {value:.5f}")
+
+
+def resume_command() -> str:
+    """This run's own command line with --resume latest (as typed, when it came from the imglora program)."""
+    argv = list(sys.argv)
+    if Path(argv[0]).name not in ("imglora", "cli.py"):  # the program, or python -m imglora.cli
+        return "the same `imglora train` command with --resume latest"
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        del argv[i:i + 2]
+    return " ".join(shlex.quote(a) for a in ["imglora", *argv[1:], "--resume", "latest"])
+
+
+def check_output(out: Path, cfg: TrainConfig) -> None:
+    """The output folder can be written and is not a folder the run reads its images from."""
+    if out.exists() and not out.is_dir():
+        raise ImgloraError("is a file, not a folder", "pass another --output", path=out)
+    for flag, data in (("--data", cfg.data), ("--reg-data", cfg.reg_data)):
+        if data and out.resolve().is_relative_to(Path(data).resolve()):
+            raise ImgloraError(f"--output is inside {flag} {data}: the next run would train on its own samples",
+                               "choose an output folder outside the data", path=out)
+
+
+class OutputLock:
+    """One training run per output folder: a second one would prune the first's checkpoints and overwrite
+    its files. An flock on OUTPUT/.imglora-train.lock, which the system releases when the process ends
+    (even by kill -9), so a stale lock never blocks."""
+
+    def __init__(self, out: Path | None):
+        """out None: a process that writes nothing (not the main one under DDP) holds no lock."""
+        self.path, self.file = (out / ".imglora-train.lock" if out else None), None
+        if out is not None and out.is_dir():
+            self.acquire()
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self.file is not None or self.path is None:
+            return
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ImgloraError(f"another `imglora train` ({holder}) is writing to this output folder",
+                               "wait for it to finish, or pass another --output", path=self.path.parent) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the flock
+            self.file = None
 
 
 def train(cfg: TrainConfig) -> Path:

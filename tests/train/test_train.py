@@ -155,6 +155,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(model_dir, shapes, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
+    said = proc.stdout.read()
+    hint = [line for line in said.splitlines() if "to continue:" in line]
+    assert len(hint) == 1 and " imglora train --model" in hint[0] and hint[0].endswith("--resume latest")
     done = list((out / "checkpoints").glob("step-*/COMPLETE"))
     assert len(done) == 1
     # ...and it resumes from there.
