@@ -71,9 +71,15 @@ def _alphas_from_metadata(metadata: dict[str, str]) -> dict[str, dict]:
         config = json.loads(raw)
     except ValueError as e:
         raise ValueError(f"malformed {ADAPTER_METADATA_KEY} header ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"malformed {ADAPTER_METADATA_KEY} header (not a JSON object)")
     out: dict[str, dict] = {}
     for key, value in config.items():
         component, _, field = key.partition(".")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (field == "lora_alpha" and not number) or (field == "alpha_pattern" and not (
+                isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()))):
+            raise ValueError(f"malformed {ADAPTER_METADATA_KEY} header ({key} = {str(value)[:40]!r})")
         out.setdefault(component, {})[field] = value
     return out
 

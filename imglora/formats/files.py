@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -48,7 +49,10 @@ def _no_duplicates(pairs):
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     """Validate the header and layout without reading tensor data; returns (tensors, metadata, data_start)."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block until someone writes to it
+            _reject(path, "not a regular file (a folder, FIFO or device)", "pass the .safetensors file itself")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if size == 0:

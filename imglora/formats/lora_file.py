@@ -47,6 +47,12 @@ def load_adapter_shapes(path: str | os.PathLike, layers_per_block: int = 2) -> A
 def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], layers_per_block: int,
                   path: str | os.PathLike) -> tuple[Adapter, str]:
     try:
+        for key, t in tensors.items():
+            if not t.is_floating_point():
+                raise ValueError(f"tensor {key} holds {str(t.dtype).removeprefix('torch.')} values; adapter "
+                                 "weights are floating point")
+            if key.endswith(".alpha") and t.numel() != 1:
+                raise ValueError(f"alpha {key} has {t.numel()} values instead of one")
         fmt = detect_format(list(tensors))
         sdxl_hint = any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors) or \
             arch_from_metadata(metadata) == "sdxl"
@@ -61,6 +67,8 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
         # Both spellings of text-encoder paths, with and without `text_model.` (see lora/state.py).
         modules = {canonical_key(k): m for k, m in modules.items()}
         for key, m in modules.items():
+            if m.A.shape[0] == 0:
+                raise ValueError(f"module {key} has rank 0 (an empty lora_down)")
             if m.A.dim() not in (2, 4) or m.B.shape[1] != m.A.shape[0]:
                 raise ValueError(f"module {key}: lora_down {tuple(m.A.shape)} and lora_up {tuple(m.B.shape)} "
                                  "do not multiply")

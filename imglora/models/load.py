@@ -80,13 +80,28 @@ def _load_folder(path: Path):
     if name not in PIPELINE_CLASSES:
         raise ImgloraError(f"a {name or 'unknown'} model, not Stable Diffusion 1.x/2.x/XL",
                            "imglora trains SD 1.x, SD 2.x and SDXL pipelines", path=path)
+    _refuse_pickles(path)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
     try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ImgloraError(f"cannot load the model ({str(e).splitlines()[0]})",
                            "check that the folder is complete (unet, vae, text_encoder, tokenizer, scheduler)",
                            path=path) from None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(path: Path) -> None:
+    """A component whose weights exist only as a pickle is refused before anything is loaded: unpickling
+    can run code (RELIABILITY.md §1), and the library's own message would advise loading it unsafely."""
+    for component in sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        files = [f for f in component.iterdir() if f.is_file()]
+        if any(f.suffix in PICKLE_SUFFIXES for f in files) and not any(f.suffix == ".safetensors" for f in files):
+            raise ImgloraError(f"the {component.name} weights are a pickle, not safetensors",
+                               "convert them to .safetensors with a trusted tool; pickles can run code and are "
+                               "not loaded", path=component)
 
 
 def _load_single_file(path: Path, config):
@@ -102,9 +117,10 @@ def _load_single_file(path: Path, config):
         # weights_only=True always (RELIABILITY.md §1): a pickle can run code.
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ImgloraError(f"refused to load the pickle ({str(e).splitlines()[0][:200]})",
-                               "convert it to .safetensors with a trusted tool", path=path) from None
+        except Exception:  # torch's own message advises weights_only=False, which could run the file's code
+            raise ImgloraError("refused to load the pickle: it holds more than plain tensors, and unpickling "
+                               "those could run code", "convert it to .safetensors with a trusted tool",
+                               path=path) from None
         del state
     name = json.loads((Path(config) / "model_index.json").read_text()).get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline

@@ -65,6 +65,11 @@ def _bad_files(tmp_path):
         ("no_up", {f"{NAME}.lora_down.weight": torch.randn(4, 32)}, "lacks its lora_up"),
         ("rank_mismatch", {**good_tensors(), f"{NAME}.lora_up.weight": torch.randn(16, 3)}, "do not multiply"),
         ("loha", {f"{NAME}.hada_w1_a": torch.randn(2, 2)}, "LoHa"),
+        ("alpha_vector", {**good_tensors(), f"{NAME}.alpha": torch.ones(3)}, "has 3 values instead of one"),
+        ("rank0", good_tensors(rank=0), "rank 0"),
+        ("int_weights", {**good_tensors(), f"{NAME}.lora_down.weight": torch.ones(4, 32, dtype=torch.int32)},
+         "holds int32 values"),
+        ("bool_alpha", {**good_tensors(), f"{NAME}.alpha": torch.tensor(True)}, "holds bool values"),
     ]:
         p = tmp_path / f"{name}.safetensors"
         save_file(tensors, p)
@@ -72,12 +77,35 @@ def _bad_files(tmp_path):
     return out
 
 
+def _bad_peft_files(tmp_path):
+    """diffusers-PEFT files whose lora_adapter_metadata header is malformed."""
+    tensors = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q.lora_A.weight": torch.randn(4, 32),
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q.lora_B.weight": torch.randn(16, 4)}
+    out = {}
+    for name, meta in [("peft_list", "[1, 2]"), ("peft_alpha_text", '{"unet.lora_alpha": "eight"}'),
+                       ("peft_pattern", '{"unet.alpha_pattern": [4]}'), ("peft_json", "{oops")]:
+        p = tmp_path / f"{name}.safetensors"
+        save_file(tensors, p, metadata={"lora_adapter_metadata": meta})
+        out[name] = (p, "malformed lora_adapter_metadata header")
+    return out
+
+
 def test_every_bad_file_is_one_clear_error(tmp_path):
-    for name, (path, reason) in _bad_files(tmp_path).items():
+    for name, (path, reason) in {**_bad_files(tmp_path), **_bad_peft_files(tmp_path)}.items():
         with pytest.raises(ImgloraError) as e:
             load_adapter(path)
         line = e.value.line()
         assert str(path) in line and reason in line and "\n" not in line, (name, line)
+
+
+def test_a_fifo_or_folder_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)  # nobody writes to it: opening it for reading would wait forever
+    for path in (fifo, tmp_path):
+        with pytest.raises(ImgloraError, match="not a regular file"):
+            load_adapter(path)
 
 
 def test_huge_header_length_is_rejected_without_reading(tmp_path):

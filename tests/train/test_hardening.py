@@ -162,3 +162,16 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--config", str(toml)]) == 2
     err = capsys.readouterr().err
     assert "run.toml" in err and "UTF-8" in err and "Traceback" not in err
+
+
+def test_a_model_folder_with_pickled_weights_is_refused_before_loading(tmp_path, capsys):
+    from imglora.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "tok")
+    pipe.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    pipe.unet.save_pretrained(tmp_path / "m" / "unet", safe_serialization=False)  # a .bin pickle
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "the unet weights are a pickle, not safetensors" in err and "weights_only" not in err
+    assert not (tmp_path / "x.png").exists()
