@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..lora.state import Adapter, LoraModule, split_component
+from ..lora.state import KIND_SUFFIXES, SHARED_SUFFIXES, Adapter, Module, module_from_parts, split_component
 from .detect import KOHYA_PREFIXES
 
 # Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.
@@ -123,60 +123,61 @@ def module_name(key: str, sdxl: bool, layers_per_block: int = 2) -> str:
 
 
 def to_kohya(adapter: Adapter, sdxl: bool, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
-    """Every module with lora_down, lora_up and a nonzero 0-dim alpha (FORMATS.md §0.2)."""
+    """Every module's tensors under its kohya name with the LyCORIS suffixes (lora_down/lora_up and a
+    nonzero 0-dim alpha for LoRA, FORMATS.md §0.2; hada_*, lokr_*, diff, dora_scale for the others)."""
     out = {}
     for key, m in adapter.modules.items():
         name = module_name(key, sdxl, layers_per_block)
-        out[f"{name}.lora_down.weight"] = m.A.contiguous()
-        out[f"{name}.lora_up.weight"] = m.B.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha else m.rank))
+        for suffix, t in m.tensors().items():
+            out[f"{name}.{suffix}"] = t.contiguous()
     return out
 
 
-# Suffixes kohya-family writers use, including diffusers' convert_state_dict_to_kohya leaving
-# `_lora.down.weight` on UNet keys it did not convert (FORMATS.md §1.4).
-_SUFFIXES = (
-    (".lora_down.weight", "A"), (".lora_up.weight", "B"), (".alpha", "alpha"),
-    ("_lora.down.weight", "A"), ("_lora.up.weight", "B"),
-    ("_lora_linear_layer.down.weight", "A"), ("_lora_linear_layer.up.weight", "B"),
-    (".lora_A.weight", "A"), (".lora_B.weight", "B"),
+# Other spellings of the LoRA pair that kohya-family writers use, including diffusers' convert_state_dict_to_kohya
+# leaving `_lora.down.weight` on UNet keys it did not convert (FORMATS.md §1.4).
+_LORA_ALIASES = (
+    ("_lora.down.weight", "lora_down.weight"), ("_lora.up.weight", "lora_up.weight"),
+    ("_lora_linear_layer.down.weight", "lora_down.weight"), ("_lora_linear_layer.up.weight", "lora_up.weight"),
+    (".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
 )
-_UNSUPPORTED = {"lora_mid": "LoCon Tucker (lora_mid)", "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)",
-                "dora_scale": "DoRA", "oft_": "OFT", ".diff": "full-weight difference", "w_norm": "norm"}
+# Every tensor name a module may have after its name and a dot, longest first (so diff_b is not read as diff).
+_SUFFIXES = sorted(set().union(*KIND_SUFFIXES.values(), SHARED_SUFFIXES), key=len, reverse=True)
+_UNSUPPORTED = {"oft_": "OFT", "w_norm": "norm-layer", "b_norm": "norm-layer", "glora_": "GLoRA"}
 
 
 def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"A", "B", "alpha"}} from kohya-style suffixes; refuses kinds imglora does not read."""
+    """{module name: {suffix: tensor}}; refuses kinds imglora does not read, naming the key."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         for marker, what in _UNSUPPORTED.items():
             if marker in key:
                 raise ValueError(f"{what} adapters are not supported (key {key})")
-        for suffix, role in _SUFFIXES:
-            if key.endswith(suffix):
-                parts.setdefault(key[: -len(suffix)], {})[role] = t
+        for alias, suffix in _LORA_ALIASES:
+            if key.endswith(alias):
+                name = key[: -len(alias)]
                 break
         else:
-            raise ValueError(f"unrecognised key {key}")
+            suffix = next((x for x in _SUFFIXES if key.endswith("." + x)), None)
+            if suffix is None:
+                raise ValueError(f"unrecognised key {key}")
+            name = key[: -len(suffix) - 1]
+        parts.setdefault(name, {})[suffix] = t
     return parts
 
 
-def _module(name: str, p: dict[str, torch.Tensor]) -> LoraModule:
-    if "A" not in p or "B" not in p:
-        raise ValueError(f"module {name} lacks its {'lora_up' if 'A' in p else 'lora_down'} weight")
-    rank = p["A"].shape[0]
-    alpha = float(p["alpha"].item()) if "alpha" in p else float(rank)  # no alpha: scale 1 (FORMATS.md §2)
-    if alpha == 0:
+def _module(name: str, p: dict[str, torch.Tensor]) -> Module:
+    m = module_from_parts(name, p)
+    if getattr(m, "alpha", None) == 0:
         # kohya reads 0 as "= rank", ComfyUI/A1111/PEFT as "disabled": refuse to guess (FORMATS.md §2).
         raise ValueError(f"module {name} has alpha 0, which tools read differently (rank or disabled); "
                          "re-export it with alpha = rank")
-    return LoraModule(p["A"], p["B"], alpha)
+    return m
 
 
 SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb")
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: int = 2) -> dict[str, LoraModule]:
+def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: int = 2) -> dict[str, Module]:
     """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
     modules = {}
     for name, p in _group(tensors).items():
@@ -202,7 +203,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
 COMFY_CLIPS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
 
 
-def from_comfy(tensors: dict[str, torch.Tensor], layers_per_block: int = 2) -> dict[str, LoraModule]:
+def from_comfy(tensors: dict[str, torch.Tensor], layers_per_block: int = 2) -> dict[str, Module]:
     modules = {}
     for name, p in _group(tensors).items():
         if name.startswith("diffusion_model."):

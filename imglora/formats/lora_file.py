@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ImgloraError
-from ..lora.state import Adapter, canonical_key
+from ..lora.state import Adapter, LoraModule, canonical_key
 from . import diffusers as dfmt
 from . import kohya
 from .clients import client_misses
@@ -48,7 +48,8 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
                   path: str | os.PathLike) -> tuple[Adapter, str]:
     try:
         for key, t in tensors.items():
-            if not t.is_floating_point():
+            integer_alpha = key.endswith(".alpha") and t.dtype not in (torch.bool,)  # diffusers writes int64 alphas
+            if not t.is_floating_point() and not integer_alpha:
                 raise ValueError(f"tensor {key} holds {str(t.dtype).removeprefix('torch.')} values; adapter "
                                  "weights are floating point")
             if key.endswith(".alpha") and t.numel() != 1:
@@ -67,17 +68,31 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
         # Both spellings of text-encoder paths, with and without `text_model.` (see lora/state.py).
         modules = {canonical_key(k): m for k, m in modules.items()}
         for key, m in modules.items():
-            if m.A.shape[0] == 0:
-                raise ValueError(f"module {key} has rank 0 (an empty lora_down)")
-            if m.A.dim() not in (2, 4) or m.B.shape[1] != m.A.shape[0]:
-                raise ValueError(f"module {key}: lora_down {tuple(m.A.shape)} and lora_up {tuple(m.B.shape)} "
-                                 "do not multiply")
+            _check_module(key, m)
     except ValueError as e:
         raise ImgloraError(f"not a usable LoRA file: {e}",
-                           "imglora reads kohya/A1111, ComfyUI, diffusers-PEFT, diffusers-script and attn-procs LoRA files",
+                           "imglora reads kohya/A1111 and LyCORIS (LoRA, LoCon, LoHa, LoKr, DoRA, full), ComfyUI, "
+                           "diffusers-PEFT, diffusers-script and attn-procs files",
                            path=path) from None
     arch = arch_from_header({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     return Adapter(modules, metadata, arch), fmt
+
+
+def _check_module(key: str, m) -> None:
+    """The module's own tensors fit together (whether they fit the model is Adapters.check's job)."""
+    if isinstance(m, LoraModule):
+        if m.A.shape[0] == 0:
+            raise ValueError(f"module {key} has rank 0 (an empty lora_down)")
+        if m.A.dim() not in (2, 4) or m.B.shape[1] != m.A.shape[0]:
+            raise ValueError(f"module {key}: lora_down {tuple(m.A.shape)} and lora_up {tuple(m.B.shape)} "
+                             "do not multiply")
+    if any(t.numel() == 0 for k, t in m.tensors().items() if k != "alpha"):
+        raise ValueError(f"module {key} has an empty tensor (rank 0)")
+    try:  # the shapes alone, on the meta device: no arithmetic
+        type(m).from_tensors({k: t if k == "alpha" else t.to("meta") for k, t in m.tensors().items()}).raw_delta()
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"module {key}: its {m.kind} tensors do not fit together "
+                         f"({', '.join(f'{k} {tuple(t.shape)}' for k, t in m.tensors().items() if k != 'alpha')})") from e
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, fmt: str = "kohya", metadata: dict[str, str] | None = None,

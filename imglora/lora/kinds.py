@@ -3,7 +3,7 @@
 A LoraLayer holds one kind object per adapter name (as peft's LoRA variants sit beside its layer).
 The layer does the blending (weights, enable, per-sample weights, merging); a kind only knows its
 own tensors. A `fused` kind (the plain low-rank pair) is applied by the layer in one stacked matmul
-pair with the other fused adapters; any other kind is applied through its materialised `delta()`.
+pair with the other fused adapters; any other kind (`Dense`) through its materialised `delta()`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .state import LoraModule
+from .state import LoraModule, Module
 
 
 class Kind(nn.Module):
@@ -23,9 +23,13 @@ class Kind(nn.Module):
     alpha: float
     dropout: float = 0.0
 
-    def delta(self) -> torch.Tensor:
-        """ΔW at weight 1 in float32, shaped like the base weight."""
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW at weight 1 in float32, shaped like the base weight (DoRA's depends on the weight itself)."""
         raise NotImplementedError
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the adapter adds to the base bias at weight 1 (a full delta's diff_b), if anything."""
+        return None
 
     def state(self):
         """The detached in-memory module (lora/state.py) that files are written from."""
@@ -90,12 +94,71 @@ class LowRank(Kind):
     def state(self) -> LoraModule:
         return LoraModule(self.A.detach(), self.B.detach(), self.alpha)
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.state().delta()
 
 
+class Dense(Kind):
+    """Any other kind (LoHa, LoKr, a full delta, LoCon Tucker, anything with DoRA): its file-side module's
+    tensors as parameters, applied through the ΔW they make. The layer caches that ΔW while the tensors
+    stay put, so inference costs one extra matmul (convolution) per layer however the ΔW is built."""
+
+    def __init__(self, module: Module, trainable: bool = True):
+        super().__init__()
+        self.cls, self.alpha = type(module), getattr(module, "alpha", None)
+        tensors = {k: t for k, t in module.tensors().items() if k != "alpha"}
+        self.names = {k.replace(".", "_"): k for k in tensors}  # ParameterDict keys cannot hold dots
+        self.params = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(t.contiguous(), requires_grad=trainable)
+                                        for k, t in tensors.items()})
+
+    @classmethod
+    def load(cls, base: nn.Module, module: Module, dtype: torch.dtype = torch.float32) -> "Dense":
+        w = base.weight
+        moved = module.from_tensors({k: t if k == "alpha" else t.to(w.device, dtype) for k, t in module.tensors().items()})
+        return cls(moved, trainable=False)
+
+    @staticmethod
+    def misfit(module: Module, weight: torch.Tensor) -> str | None:
+        meta = module.from_tensors({k: t if k == "alpha" else t.to("meta") for k, t in module.tensors().items()})
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.tensors().items() if k != "alpha")
+        try:
+            d = meta.raw_delta()
+        except RuntimeError:
+            d = None
+        flat_conv = d is not None and d.dim() == 2 and weight.dim() == 4 and d.shape[0] == weight.shape[0] \
+            and d.shape[1] == weight[0].numel()  # LoHa/LoKr factors of a conv weight, flattened
+        if d is None or not (tuple(d.shape) == tuple(weight.shape) or flat_conv):
+            return f"{module.kind} tensors {shapes} do not fit the model's weight {tuple(weight.shape)}"
+        dora = getattr(module, "dora_scale", None)
+        if dora is not None and dora.numel() not in (weight.shape[0], weight.shape[1]):
+            return f"dora_scale {tuple(dora.shape)} fits neither axis of the model's weight {tuple(weight.shape)}"
+        bias = module.bias_delta()
+        if bias is not None and bias.numel() != weight.shape[0]:
+            return f"diff_b {tuple(bias.shape)} does not fit the model's {weight.shape[0]} outputs"
+        return None
+
+    def module(self) -> Module:
+        """The file-side module over the live parameters (gradients flow through it)."""
+        parts = {self.names[k]: p for k, p in self.params.items()}
+        if self.alpha is not None:
+            parts["alpha"] = torch.tensor(self.alpha)
+        return self.cls.from_tensors(parts)
+
+    def state(self) -> Module:
+        m = self.module()
+        return m.from_tensors({k: t.detach() for k, t in m.tensors().items()})
+
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module().delta(weight)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return self.module().bias_delta()
+
+
 def kind_for(module) -> type[Kind]:
-    """The kind that holds a file module of this type."""
-    if isinstance(module, LoraModule):
+    """The kind that holds a file module of this type: the fused pair for plain LoRA, else Dense."""
+    if isinstance(module, LoraModule) and module.mid is None and module.dora_scale is None:
         return LowRank
+    if isinstance(module, Module):
+        return Dense
     raise TypeError(f"no adapter kind holds a {type(module).__name__}")

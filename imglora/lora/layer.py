@@ -50,8 +50,10 @@ class LoraLayer(nn.Module):
         # (n_samples, n_active) multipliers; the batch is tiled over it (CFG doubles the batch).
         self.sample_weights: torch.Tensor | None = None
         self.sample_names: list[str] = []
-        self._backup: torch.Tensor | None = None  # the exact base weight while merged
+        self._backup: torch.Tensor | None = None  # the exact base weight (and bias) while merged
+        self._bias_backup: torch.Tensor | None = None
         self._cache: tuple | None = None
+        self._deltas: dict[tuple, tuple] = {}  # dense kinds' (ΔW, Δbias) by (name, dtype, device)
 
     def __getattr__(self, name: str):
         # Code that inspects the wrapped layer (weight.dtype, in_features, ...) still works.
@@ -74,14 +76,19 @@ class LoraLayer(nn.Module):
         self.adapters[name] = kind
         self.weights.setdefault(name, 1.0)
         self.enabled[name] = True
-        self.changed()
+        self._forget(name)
 
     def remove(self, name: str) -> None:
         if name in self.adapters:
             del self.adapters[name]
         for d in (self.weights, self.enabled):
             d.pop(name, None)
-        self.changed()
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop what is cached for one adapter; the others' dense ΔW stay."""
+        self._deltas = {k: v for k, v in self._deltas.items() if k[0] != name}
+        self._cache = None
 
     def module(self, name: str):
         """The adapter's detached file-side module (lora/state.py)."""
@@ -95,28 +102,42 @@ class LoraLayer(nn.Module):
     def changed(self) -> None:
         """Call after changing adapter tensors in place (an optimizer step): inference caches rebuild."""
         self._cache = None
+        self._deltas = {}
+
+    def _blend_changed(self) -> None:
+        """A weight, enable or per-sample change: the plan rebuilds; the dense ΔW stay (same tensors)."""
+        self._cache = None
 
     # The blend: only these write weights, enabled and the per-sample table, so the caches stay right.
     def set_weight(self, name: str, weight: float) -> None:
         self.weights[name] = float(weight)
-        self.changed()
+        self._blend_changed()
 
     def enable(self, name: str, on: bool = True) -> None:
         self.enabled[name] = bool(on)
-        self.changed()
+        self._blend_changed()
 
     def set_sample_weights(self, names: list[str], table: torch.Tensor | None) -> None:
         """table: (n_samples, len(names)) multipliers, one row per sample; None clears it."""
         self.sample_names, self.sample_weights = (list(names), table) if table is not None else ([], None)
-        self.changed()
+        self._blend_changed()
 
     # -- math -----------------------------------------------------------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        """The original base weight (DoRA normalises against it), also while merged."""
+        return self._backup if self._backup is not None else self.base.weight
+
     def delta(self, names: list[str] | None = None) -> torch.Tensor:
-        """Σ weight·(alpha/rank)·B·A over the active adapters, in float32, shaped like the base weight."""
-        total = torch.zeros_like(self.base.weight, dtype=torch.float32)
+        """Σ weight·ΔW over the active adapters, in float32, shaped like the base weight."""
+        w0 = self._base_weight()
+        total = torch.zeros_like(w0, dtype=torch.float32)
         for n in self.active() if names is None else names:
-            total += self.weights[n] * self.adapters[n].delta().to(total.device)
+            total += self.weights[n] * self.adapters[n].delta(w0).to(total.device)
         return total
+
+    def _split(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """(fused low-rank pairs, dense kinds) among names, in order."""
+        return [n for n in names if self.adapters[n].fused], [n for n in names if not self.adapters[n].fused]
 
     def _scales(self, names: list[str], device) -> torch.Tensor:
         """weight·alpha/rank for every rank column of the stack, shape (R,)."""
@@ -129,32 +150,59 @@ class LoraLayer(nn.Module):
             return pairs[0].A, pairs[0].B
         return torch.cat([k.A for k in pairs], 0), torch.cat([k.B for k in pairs], 1)
 
+    def _sample_table(self, names: list[str]) -> torch.Tensor:
+        """(n_samples, len(names)): the per-sample weights of these adapters."""
+        return self.sample_weights[:, [self.sample_names.index(n) for n in names]]
+
     def _sample_columns(self, names: list[str], device) -> torch.Tensor:
         """(n_samples, R): each sample's weight·alpha/rank for every rank column of the stack."""
         ranks = torch.tensor([self.adapters[m].rank for m in names])
         per_col = torch.repeat_interleave(torch.tensor([self.adapters[m].alpha for m in names]) / ranks, ranks)
-        return (torch.repeat_interleave(self.sample_weights, ranks, dim=1) * per_col).to(device)
+        return (torch.repeat_interleave(self._sample_table(names), ranks, dim=1) * per_col).to(device)
+
+    def _dense_delta(self, name: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A dense adapter's (ΔW, Δbias) at weight 1, built once and kept until its tensors change."""
+        key = (name, dtype, device)
+        if key not in self._deltas:
+            kind = self.adapters[name]
+            bias = kind.bias_delta()
+            self._deltas[key] = (kind.delta(self._base_weight()).to(device, dtype),
+                                 None if bias is None else bias.to(device, dtype))
+        return self._deltas[key]
 
     def _inference_plan(self, x: torch.Tensor):
-        """Everything a no-grad forward needs, built once per change: (names, A, B, sample columns).
-
-        Without per-sample weights the scales are folded into B, so a forward is exactly two extra
-        matmuls; the cache is keyed by nothing that costs a loop over adapters per call."""
+        """Everything a no-grad forward needs, built once per blend change:
+        (fused names, A, B, sample columns, dense terms). Without per-sample weights the fused scales are
+        folded into B and the dense ΔW are summed with their weights, so a forward is exactly two extra
+        matmuls for all LoRA pairs and one for all other kinds. A dense term is (ΔW, Δbias, per-sample
+        weights or None)."""
         key = (x.dtype, x.device)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         with torch.no_grad():
             names = self.active()
-            plan = (names, None, None, None)
-            if names:
-                A, B = self._stack(names)
-                cols = None
+            # ΔW of adapters no longer active are freed (a disabled adapter holds no dense copy).
+            self._deltas = {k: v for k, v in self._deltas.items() if k[0] in names}
+            fused, dense = self._split(names)
+            A = B = cols = None
+            if fused:
+                A, B = self._stack(fused)
                 if self.sample_weights is None:
-                    s = self._scales(names, A.device)
+                    s = self._scales(fused, A.device)
                     B = B * (s.view(1, -1, 1, 1) if self.is_conv else s)
                 else:
-                    cols = self._sample_columns(names, x.device).to(x.dtype)
-                plan = (names, A.to(x.dtype), B.to(x.dtype), cols)
+                    cols = self._sample_columns(fused, x.device).to(x.dtype)
+                A, B = A.to(x.dtype), B.to(x.dtype)
+            terms = []
+            if dense and self.sample_weights is None:
+                parts = [self._dense_delta(n, x.dtype, x.device) for n in dense]
+                W = sum(self.weights[n] * d for n, (d, _) in zip(dense, parts))
+                biases = [self.weights[n] * b for n, (_, b) in zip(dense, parts) if b is not None]
+                terms = [(W, sum(biases) if biases else None, None)]
+            elif dense:
+                table = self._sample_table(dense).to(x.device, x.dtype)
+                terms = [(*self._dense_delta(n, x.dtype, x.device), table[:, i]) for i, n in enumerate(dense)]
+            plan = (fused, A, B, cols, terms)
         self._cache = (key, plan)
         return plan
 
@@ -167,6 +215,13 @@ class LoraLayer(nn.Module):
     def _up(self, h, B):
         return F.conv2d(h, B) if self.is_conv else F.linear(h, B)
 
+    def _dense(self, x, W, bias):
+        """x through a weight shaped like the base's (ΔW), with the base's stride and padding."""
+        if self.is_conv:
+            b = self.base
+            return F.conv2d(x, W, bias, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, W, bias)
+
     def _apply_columns(self, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scale h's rank columns per sample; the batch is the samples tiled (CFG doubles it)."""
         n = cols.shape[0]
@@ -175,36 +230,61 @@ class LoraLayer(nn.Module):
         cols = cols.repeat(h.shape[0] // n, 1)
         return h * (cols.view(*cols.shape, 1, 1) if self.is_conv else cols.view(cols.shape[0], *([1] * (h.dim() - 2)), -1))
 
+    def _per_sample(self, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Scale each sample's output by its weight; the batch is the samples tiled."""
+        n = weights.shape[0]
+        if h.shape[0] % n:
+            raise ValueError(f"batch of {h.shape[0]} is not a multiple of the {n} per-sample weights")
+        return h * weights.repeat(h.shape[0] // n).view(-1, *([1] * (h.dim() - 1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self._backup is not None:  # merged: the base weight already holds the blend
             return out
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())):
-            names, A, B, cols = self._inference_plan(x)
-            if not names:
-                return out
-            h = self._down(x, A)
-            if cols is not None:
-                h = self._apply_columns(h, cols)
-            return out + self._up(h, B)
-        # Training: autograd through the stacked matmul (or per adapter, when each has its own dropout).
-        names = self.active()
-        if not names:
+            fused, A, B, cols, terms = self._inference_plan(x)
+            if fused:
+                h = self._down(x, A)
+                if cols is not None:
+                    h = self._apply_columns(h, cols)
+                out = out + self._up(h, B)
+            for W, bias, weights in terms:
+                h = self._dense(x, W, bias)
+                out = out + (h if weights is None else self._per_sample(h, weights))
             return out
-        if self.training and any(self.adapters[n].dropout > 0 for n in names):
-            for n in names:
+        return self._train_forward(x, out)
+
+    def _train_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Autograd through the stacked matmul (or per adapter, when each has its own dropout), and through
+        each dense kind's ΔW, rebuilt from its tensors every step."""
+        fused, dense = self._split(self.active())
+        for n in dense:
+            kind = self.adapters[n]
+            w0 = self._base_weight()
+            W = kind.delta(w0)
+            bias = kind.bias_delta()
+            h = self._dense(x if torch.is_autocast_enabled(x.device.type) else x.to(W.dtype), W, bias)
+            if self.sample_weights is not None:
+                h = self._per_sample(h, self._sample_table([n])[:, 0].to(h.device, h.dtype))
+            else:
+                h = h * self.weights[n]
+            out = out + h.to(out.dtype)
+        if not fused:
+            return out
+        if self.training and any(self.adapters[n].dropout > 0 for n in fused):
+            for n in fused:
                 k = self.adapters[n]
                 h = self._down(F.dropout(x.to(k.A.dtype), k.dropout), k.A)
                 out = out + (self._up(h, k.B) * (self.weights[n] * k.alpha / k.rank)).to(out.dtype)
             return out
-        A, B = self._stack(names)
+        A, B = self._stack(fused)
         # Under autocast the matmul runs in half precision anyway: casting x up to float32 first
         # would only add a copy of every input (and keep it for backward).
         h = self._down(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)
         if self.sample_weights is not None:
-            h = self._apply_columns(h, self._sample_columns(names, x.device).to(h.dtype))
+            h = self._apply_columns(h, self._sample_columns(fused, x.device).to(h.dtype))
         else:
-            s = self._scales(names, x.device).to(h.dtype)
+            s = self._scales(fused, x.device).to(h.dtype)
             h = h * (s.view(1, -1, 1, 1) if self.is_conv else s)
         return out + self._up(h, B).to(out.dtype)
 
@@ -213,8 +293,8 @@ class LoraLayer(nn.Module):
     def merge(self) -> None:
         """Fold the active blend into the base weight (again, from the exact original, if merged).
 
-        W = W0 + B_cat·diag(s)·A_cat in float32: one matmul for all adapters, so a weight change in
-        merged mode costs a few kernels per layer."""
+        W = W0 + B_cat·diag(s)·A_cat + Σ weight·ΔW_dense in float32: one matmul for all LoRA pairs, so a
+        weight change in merged mode costs a few kernels per layer. A dense kind's Δbias goes into the bias."""
         if self.sample_weights is not None:
             raise ValueError("per-sample weights cannot be merged into the base weights")
         w = self.base.weight
@@ -222,21 +302,34 @@ class LoraLayer(nn.Module):
             raise ValueError("a quantized base weight cannot take a merged blend; use the blend at run time")
         if self._backup is None:
             self._backup = w.detach().clone()
-        names = self.active()
-        if not names:
-            w.copy_(self._backup)
-            return
-        A, B = self._stack(names)
-        B = B.float().flatten(1) * self._scales(names, B.device)
-        merged = torch.addmm(self._backup.float().flatten(1), B, A.float().flatten(1))
-        w.copy_(merged.view_as(w))
+            bias = self.base.bias
+            self._bias_backup = None if bias is None else bias.detach().clone()
+        fused, dense = self._split(self.active())
+        merged = self._backup.float().flatten(1)
+        if fused:
+            A, B = self._stack(fused)
+            B = B.float().flatten(1) * self._scales(fused, B.device)
+            merged = torch.addmm(merged, B, A.float().flatten(1))
+        biases = []
+        for n in dense:
+            d, b = self._dense_delta(n, torch.float32, w.device)
+            merged = merged + self.weights[n] * d.flatten(1)
+            if b is not None:
+                biases.append(self.weights[n] * b)
+        w.copy_(merged.view_as(w) if (fused or dense) else self._backup)
+        if self._bias_backup is not None:
+            self.base.bias.copy_(self._bias_backup + sum(biases) if biases else self._bias_backup)
+        elif biases:
+            raise ValueError("a full delta's diff_b needs a layer with a bias")
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the bit-identical original base weight."""
+        """Restore the bit-identical original base weight (and bias)."""
         if self._backup is not None:
             self.base.weight.copy_(self._backup)
-            self._backup = None
+            if self._bias_backup is not None:
+                self.base.bias.copy_(self._bias_backup)
+            self._backup = self._bias_backup = None
 
     @property
     def merged(self) -> bool:

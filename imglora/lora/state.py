@@ -19,13 +19,74 @@ import torch
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-@dataclass(eq=False)  # identity, not tensor comparison
-class LoraModule:
-    """One adapted layer: ΔW = (alpha / rank) · B @ A."""
+def _scalar(t) -> float:
+    return float(t.item() if torch.is_tensor(t) else t)
 
-    A: torch.Tensor  # (rank, in) for Linear; (rank, in, kh, kw) for Conv2d
+
+@dataclass(eq=False)  # identity, not tensor comparison
+class Module:
+    """One adapted layer as a file holds it. The kinds (LoRA, LoHa, LoKr, a full delta) differ in how
+    their tensors make ΔW; any of them may carry DoRA's magnitude (`dora_scale`), which then rescales
+    the merged weight W0 + ΔW to that norm (per output row, or per input column)."""
+
+    kind = "?"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{suffix: tensor} as kohya/LyCORIS files write them (alpha as a float32 scalar)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, parts: dict[str, torch.Tensor]) -> "Module":
+        raise NotImplementedError
+
+    def raw_delta(self, shape) -> torch.Tensor:
+        """ΔW at strength 1 before DoRA, in float32, with the base weight's shape."""
+        raise NotImplementedError
+
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """What the module adds to the base weight at strength 1 (float32). DoRA needs the weight itself."""
+        d = self.raw_delta(None if weight is None else tuple(weight.shape))
+        if getattr(self, "dora_scale", None) is None:
+            return d
+        if weight is None:
+            raise ValueError("a DoRA module's delta depends on the base weight")
+        return dora_delta(weight.float(), d, self.dora_scale.float())
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the module adds to the layer's bias (a full delta's diff_b), if anything."""
+        return None
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for k, t in self.tensors().items() if k != "alpha")
+
+    def detached_copy(self) -> "Module":
+        """Float32 CPU copies, independent of any live parameter."""
+        return type(self).from_tensors({k: t.detach().float().cpu().clone() for k, t in self.tensors().items()})
+
+
+def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA (Liu et al. 2024, as LyCORIS and peft do it): W' = m · (W0 + ΔW) / ‖W0 + ΔW‖, the norm per output
+    row when m has one value per row (out, 1, ...), else per input column (1, in, ...); returns W' - W0."""
+    merged = weight + delta
+    if magnitude.shape[0] == merged.shape[0] and (magnitude.dim() == 1 or magnitude.shape[1] == 1):
+        norm = merged.flatten(1).norm(dim=1).view(-1, *[1] * (merged.dim() - 1))
+        m = magnitude.reshape(norm.shape)
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *[1] * (merged.dim() - 2))
+        m = magnitude.reshape(norm.shape)
+    return merged * (m / (norm + torch.finfo(merged.dtype).eps)) - weight
+
+
+@dataclass(eq=False)
+class LoraModule(Module):
+    """ΔW = (alpha / rank) · B @ A (LoRA, LoCon; with `mid`, LoCon's Tucker form B · mid · A)."""
+
+    A: torch.Tensor  # (rank, in) for Linear; (rank, in, kh, kw) for Conv2d ((rank, in, 1, 1) with mid)
     B: torch.Tensor  # (out, rank) for Linear; (out, rank, 1, 1) for Conv2d
     alpha: float
+    mid: torch.Tensor | None = None  # (rank, rank, kh, kw): LyCORIS's use_tucker
+    dora_scale: torch.Tensor | None = None
+    kind = "lora"
 
     @property
     def rank(self) -> int:
@@ -35,38 +96,214 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_down.weight": self.A, "lora_up.weight": self.B, "alpha": torch.tensor(float(self.alpha))}
+        if self.mid is not None:
+            out["lora_mid.weight"] = self.mid
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+    @classmethod
+    def from_tensors(cls, parts: dict[str, torch.Tensor]) -> "LoraModule":
+        A, B = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else float(A.shape[0])  # no alpha: scale 1
+        return cls(A, B, alpha, parts.get("lora_mid.weight"), parts.get("dora_scale"))
+
     def detached_copy(self) -> "LoraModule":
-        """Float32 CPU copies, independent of any live parameter."""
-        return LoraModule(self.A.float().cpu().clone(), self.B.float().cpu().clone(), self.alpha)
+        c = lambda t: None if t is None else t.detach().float().cpu().clone()  # noqa: E731
+        return LoraModule(c(self.A), c(self.B), self.alpha, c(self.mid), c(self.dora_scale))
 
     def num_parameters(self) -> int:
-        return self.A.numel() + self.B.numel()
+        return sum(t.numel() for t in (self.A, self.B, self.mid, self.dora_scale) if t is not None)
 
-    def delta(self) -> torch.Tensor:
-        """ΔW in float32, shaped like the base weight."""
+    def raw_delta(self, shape=None) -> torch.Tensor:
         A, B = self.A.float(), self.B.float()
+        if self.mid is not None:  # up (1x1) · mid (kxk) · down (1x1), as one kxk weight
+            return self.scale * torch.einsum("or,rshw,si->oihw", B.flatten(1), self.mid.float(), A.flatten(1))
         if A.dim() == 2:
-            return self.scale * (B @ A)
+            d = B @ A
+            return self.scale * (d if shape is None else d.reshape(shape))
         # Conv: a k×k down conv followed by a 1×1 up conv is one k×k conv with weight B·A.
         return self.scale * torch.einsum("or,rihw->oihw", B.flatten(1), A)
+
+
+@dataclass(eq=False)
+class LohaModule(Module):
+    """LoHa (LyCORIS): ΔW = (alpha / rank) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b); with Tucker cores t1/t2, each
+    factor is rebuilt as t ×₁ w_a ×₂ w_b (conv layers)."""
+
+    w1a: torch.Tensor  # (out, rank); with t1: (rank, out)
+    w1b: torch.Tensor  # (rank, in·kh·kw); with t1: (rank, in)
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    alpha: float
+    t1: torch.Tensor | None = None  # (rank, rank, kh, kw)
+    t2: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+    kind = "loha"
+    NAMES = {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1",
+             "t2": "hada_t2", "dora_scale": "dora_scale"}
+
+    @property
+    def rank(self) -> int:
+        return self.w1b.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
+        return {**out, "alpha": torch.tensor(float(self.alpha))}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        get = {f: parts.get(name) for f, name in cls.NAMES.items()}
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else float(get["w1b"].shape[0])
+        return cls(alpha=alpha, **get)
+
+    def raw_delta(self, shape=None) -> torch.Tensor:
+        if self.t1 is not None:
+            w1 = torch.einsum("ij...,jr,ip->pr...", self.t1.float(), self.w1b.float(), self.w1a.float())
+            w2 = torch.einsum("ij...,jr,ip->pr...", self.t2.float(), self.w2b.float(), self.w2a.float())
+            d = w1 * w2
+        else:
+            d = (self.w1a.float() @ self.w1b.float()) * (self.w2a.float() @ self.w2b.float())
+        d = d * (self.alpha / self.rank)
+        return d if shape is None else d.reshape(shape)
+
+
+@dataclass(eq=False)
+class LokrModule(Module):
+    """LoKr (LyCORIS): ΔW = scale · w1 ⊗ w2 (Kronecker product), each factor whole or as a low-rank pair
+    (w2 for a conv also as a Tucker core t2). scale = alpha / rank of the decomposed factor, 1 when both
+    are whole (ComfyUI's and A1111's rule)."""
+
+    w1: torch.Tensor | None = None
+    w1a: torch.Tensor | None = None
+    w1b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2a: torch.Tensor | None = None
+    w2b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
+    kind = "lokr"
+    NAMES = {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b", "w2": "lokr_w2", "w2a": "lokr_w2_a",
+             "w2b": "lokr_w2_b", "t2": "lokr_t2", "dora_scale": "dora_scale"}
+
+    @property
+    def rank(self) -> int | None:
+        return self.w2b.shape[0] if self.w2b is not None else (self.w1b.shape[0] if self.w1b is not None else None)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
+        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
+        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+    def raw_delta(self, shape=None) -> torch.Tensor:
+        w1 = self.w1.float() if self.w1 is not None else self.w1a.float() @ self.w1b.float()
+        if self.w2 is not None:
+            w2 = self.w2.float()
+        elif self.t2 is not None:
+            w2 = torch.einsum("ij...,ip,jr->pr...", self.t2.float(), self.w2a.float(), self.w2b.float())
+        else:
+            r, o, *k = self.w2b.shape
+            w2 = (self.w2a.float() @ self.w2b.float().reshape(r, -1)).reshape(-1, o, *k)
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        d = torch.kron(w1, w2) * self.scale
+        return d if shape is None else d.reshape(shape)
+
+
+@dataclass(eq=False)
+class FullModule(Module):
+    """A full weight difference (LyCORIS `full`, ComfyUI's `diff`), with an optional bias difference."""
+
+    diff: torch.Tensor
+    diff_b: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+    kind = "full"
+    NAMES = {"diff": "diff", "diff_b": "diff_b", "dora_scale": "dora_scale"}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        return cls(**{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+    def raw_delta(self, shape=None) -> torch.Tensor:
+        d = self.diff.float()
+        return d if shape is None else d.reshape(shape)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else self.diff_b.float()
+
+
+# Which kind a module is, by the tensor names a file gives it (after the module name and a dot).
+KIND_SUFFIXES = {
+    LohaModule: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    LokrModule: {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+    FullModule: {"diff", "diff_b"},
+    LoraModule: {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
+}
+SHARED_SUFFIXES = {"alpha", "dora_scale"}
+REQUIRED = {LohaModule: ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
+            LokrModule: ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
+            FullModule: ({"diff"},), LoraModule: ({"lora_down.weight", "lora_up.weight"},)}
+
+
+def module_from_parts(name: str, parts: dict[str, torch.Tensor]) -> Module:
+    """The module of one name from its {suffix: tensor}; ValueError naming the key for anything unknown,
+    mixed or incomplete (never a silent partial load)."""
+    kinds = [cls for cls, names in KIND_SUFFIXES.items() if names & parts.keys()]
+    stray = parts.keys() - SHARED_SUFFIXES - set().union(*KIND_SUFFIXES.values())
+    if stray:
+        raise ValueError(f"unknown tensor {name}.{sorted(stray)[0]} (not a LoRA, LoHa, LoKr or full-delta key)")
+    if len(kinds) != 1:
+        raise ValueError(f"module {name} has " + ("no weights, only " + ", ".join(sorted(parts)) if not kinds else
+                                                  "tensors of several kinds: " + ", ".join(sorted(parts))))
+    cls = kinds[0]
+    if cls is LokrModule:
+        w2 = {"lokr_w2"} <= parts.keys() or {"lokr_w2_a", "lokr_w2_b"} <= parts.keys()
+        w1 = {"lokr_w1"} <= parts.keys() or {"lokr_w1_a", "lokr_w1_b"} <= parts.keys()
+        if not (w1 and w2):
+            raise ValueError(f"module {name} lacks a LoKr factor (lokr_w1 or lokr_w1_a/b, and lokr_w2 or lokr_w2_a/b)")
+    elif not any(req <= parts.keys() for req in REQUIRED[cls]):
+        missing = sorted(REQUIRED[cls][0] - parts.keys())[0]
+        raise ValueError(f"module {name} lacks its {missing} weight" if cls is not LoraModule else
+                         f"module {name} lacks its {missing.split('.')[0]} weight")
+    if cls is LohaModule and ("hada_t1" in parts) != ("hada_t2" in parts):
+        raise ValueError(f"module {name} has only one of hada_t1 and hada_t2")
+    return cls.from_tensors(parts)
 
 
 @dataclass
 class Adapter:
     """A whole adapter: its modules, the file metadata it came with, and what it was made for."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, Module]
     metadata: dict[str, str] = field(default_factory=dict)
     arch: str = "unknown"  # "sd1", "sd2", "sdxl" or "unknown"
 
     def components(self) -> list[str]:
         return [c for c in COMPONENTS if any(k.startswith(c + ".") for k in self.modules)]
 
+    def kinds(self) -> Counter:
+        return Counter(m.kind + ("+dora" if getattr(m, "dora_scale", None) is not None else "")
+                       for m in self.modules.values())
+
     def ranks(self) -> Counter:
-        return Counter(m.rank for m in self.modules.values())
+        return Counter(getattr(m, "rank", None) for m in self.modules.values() if getattr(m, "rank", None))
 
     def alphas(self) -> Counter:
-        return Counter(m.alpha for m in self.modules.values())
+        return Counter(m.alpha for m in self.modules.values() if getattr(m, "alpha", None) is not None)
 
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.modules.values())
