@@ -68,6 +68,12 @@ class TrainConfig:
     val_every: int = opt(0, "validation loss on --val-count images every N steps (0: at each checkpoint and the end)")
     # adapter
     targets: str = opt("cross-attn", TARGETS_HELP, ("cross-attn", "attn", "transformer", "conv"))
+    adapter: str = opt("lora", "adapter kind: lora (LoCon with --targets conv), loha (Hadamard product of two "
+                               "low-rank pairs), lokr (Kronecker product), dora (LoRA with a learned magnitude per "
+                               "output; DoRA); all saved as LyCORIS writes them", ("lora", "loha", "lokr", "dora"))
+    lokr_factor: int = opt(-1, "with --adapter lokr: the size of the Kronecker factor w1 (-1: as square as the "
+                               "layer allows)")
+    lokr_full_matrix: bool = opt(False, "with --adapter lokr: keep w2 a whole matrix instead of a rank-r pair")
     rank: int = opt(16, "LoRA rank r")
     alpha: float | None = opt(None, "LoRA alpha; scale = alpha / rank (default: alpha = rank)")
     conv_rank: int | None = opt(None, "rank of 3x3 convolutions with --targets conv (default: rank)")
@@ -150,6 +156,10 @@ class TrainConfig:
             if max(alphas) > 65504:  # it would be saved as inf: a run lost at its very end
                 raise ImgloraError(f"alpha {max(alphas):g} does not fit --save-precision fp16 (largest 65504)",
                                    "use --save-precision bf16 or fp32, or a smaller --alpha")
+        if self.lora_dropout and self.adapter != "lora":
+            raise ImgloraError(f"--lora-dropout works with --adapter lora, not {self.adapter}", "leave it out")
+        if self.adapter != "lokr" and (self.lokr_factor != -1 or self.lokr_full_matrix):
+            raise ImgloraError("--lokr-factor and --lokr-full-matrix need --adapter lokr")
         if self.crop == "random" and self.cache_latents != "none":
             raise ImgloraError("--crop random needs fresh crops every epoch, so latents cannot be cached",
                                "add --cache-latents none, or use --crop center")
@@ -188,7 +198,7 @@ HELP_GROUPS = {
              "min_image_side", "val_count", "resolution", "bucket_step", "min_bucket", "max_bucket", "no_upscale",
              "crop", "flip", "caption_dropout", "shuffle_captions", "keep_tokens"),
     "model": ("model", "model_config", "device"),
-    "adapter": ("targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp", "init",
+    "adapter": ("adapter", "lokr_factor", "lokr_full_matrix", "targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp", "init",
                 "lora_dropout"),
     "optimisation": ("steps", "epochs", "batch_size", "grad_accum", "lr", "text_encoder_lr", "optimizer",
                      "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm", "min_snr_gamma", "noise_offset",

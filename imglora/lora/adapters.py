@@ -67,15 +67,17 @@ class Adapters:
 
     def create(self, name: str, keys: list[str], rank: int = 4, alpha: float | None = None,
                conv_rank: int | None = None, conv_alpha: float | None = None, init: str = "kaiming",
-               dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
-        """A new trainable adapter on `keys`; returns its parameters (the only ones that require grad)."""
+               dropout: float = 0.0, dtype: torch.dtype = torch.float32, kind: str = "lora",
+               **options) -> list[nn.Parameter]:
+        """A new trainable adapter of `kind` on `keys`; returns its parameters (the only ones that require
+        grad). options: LoKr's factor and full_matrix (lora/kinds.py new_module)."""
         self._check_new(name)
         alpha = float(rank if alpha is None else alpha)
         for key in keys:
             layer = self._layer(key)
             spatial = layer.is_conv and layer.base.kernel_size != (1, 1)
             r, a = (conv_rank or rank, conv_alpha if conv_alpha is not None else alpha) if spatial else (rank, alpha)
-            layer.add(name, r, a, init=init, dropout=dropout, dtype=dtype)
+            layer.add(name, r, a, init=init, dropout=dropout, dtype=dtype, kind=kind, **options)
         self.names.append(name)
         return self.parameters(name)
 

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .state import LoraModule, Module
+from .state import LohaModule, LokrModule, LoraModule, Module
 
 
 class Kind(nn.Module):
@@ -58,14 +58,17 @@ class LowRank(Kind):
     def new(cls, base: nn.Module, rank: int, alpha: float, init: str = "kaiming", dropout: float = 0.0,
             dtype: torch.dtype = torch.float32) -> "LowRank":
         """A trainable pair that starts exactly at the base: A random (Kaiming or Gaussian), B zero."""
-        w = base.weight
+        return cls(*cls.new_tensors(base.weight, rank, init, dtype), alpha, dropout)
+
+    @staticmethod
+    def new_tensors(w: torch.Tensor, rank: int, init: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         A = torch.empty((rank, *w.shape[1:]), device=w.device, dtype=dtype)
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / rank)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B = torch.zeros((w.shape[0], rank) + ((1, 1) if w.dim() == 4 else ()), device=w.device, dtype=dtype)
-        return cls(A, B, alpha, dropout)
+        return A, B
 
     @classmethod
     def load(cls, base: nn.Module, module: LoraModule, dtype: torch.dtype = torch.float32) -> "LowRank":
@@ -153,6 +156,45 @@ class Dense(Kind):
 
     def bias_delta(self) -> torch.Tensor | None:
         return self.module().bias_delta()
+
+
+KINDS = ("lora", "loha", "lokr", "dora")  # what `imglora train --adapter` can make
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """dim = m · n with m <= n: m = `factor` when it divides dim, else the divisor nearest √dim (not above
+    `factor` when one is given). LoKr splits each side of the weight so."""
+    if factor > 0 and dim % factor == 0:
+        return tuple(sorted((factor, dim // factor)))
+    limit = dim if factor <= 0 else factor
+    m = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0 and d <= limit)
+    return m, dim // m
+
+
+def new_module(kind: str, weight: torch.Tensor, rank: int, alpha: float, init: str = "kaiming", factor: int = -1,
+               full_matrix: bool = False, dtype: torch.dtype = torch.float32) -> Module:
+    """A trainable module of `kind` for a base weight that adds exactly nothing yet (the initialisations
+    LyCORIS uses: one factor starts at zero; DoRA's magnitude starts at the base weight's row norms)."""
+    out, rest = weight.shape[0], tuple(weight.shape[1:])
+    kernel = rest[1:]
+    opts = dict(device=weight.device, dtype=dtype)
+    if kind in ("lora", "dora"):
+        pair = LowRank.new_tensors(weight, rank, init, dtype)
+        dora = weight.detach().to(dtype).flatten(1).norm(dim=1).view(out, *[1] * len(rest)) if kind == "dora" else None
+        return LoraModule(*pair, alpha, dora_scale=dora)
+    if kind == "loha":
+        fan_in = math.prod(rest)
+        return LohaModule(torch.randn(out, rank, **opts) * 0.1, torch.randn(rank, fan_in, **opts),
+                          torch.zeros(out, rank, **opts), torch.randn(rank, fan_in, **opts), alpha)
+    if kind == "lokr":
+        (out_l, out_k), (in_m, in_n) = factorization(out, factor), factorization(rest[0], factor)
+        w1 = nn.init.kaiming_uniform_(torch.empty(out_l, in_m, **opts), a=math.sqrt(5))
+        if full_matrix or rank >= max(out_k, in_n) / 2:  # a factored w2 would be no smaller: LyCORIS's rule
+            return LokrModule(w1=w1, w2=torch.zeros(out_k, in_n, *kernel, **opts), alpha=alpha)
+        w2a = nn.init.kaiming_uniform_(torch.empty(out_k, rank, **opts), a=math.sqrt(5))
+        # A conv's w2_b holds the kernel flattened, (rank, in·kh·kw), as LyCORIS writes it.
+        return LokrModule(w1=w1, w2a=w2a, w2b=torch.zeros(rank, in_n * math.prod(kernel), **opts), alpha=alpha)
+    raise ValueError(f"unknown adapter kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
 def kind_for(module) -> type[Kind]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import Kind, LowRank, kind_for
+from .kinds import Dense, Kind, LowRank, kind_for, new_module
 
 
 class _Named(nn.ModuleDict):
@@ -64,9 +64,14 @@ class LoraLayer(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, rank: int, alpha: float, init: str = "kaiming", dropout: float = 0.0,
-            dtype: torch.dtype = torch.float32) -> None:
-        """A new trainable LoRA pair that starts exactly at the base."""
-        self._store(name, LowRank.new(self.base, rank, alpha, init=init, dropout=dropout, dtype=dtype))
+            dtype: torch.dtype = torch.float32, kind: str = "lora", **options) -> None:
+        """A new trainable adapter of `kind` (lora, loha, lokr, dora) that starts exactly at the base.
+        options: LoKr's factor and full_matrix."""
+        if kind == "lora":
+            self._store(name, LowRank.new(self.base, rank, alpha, init=init, dropout=dropout, dtype=dtype))
+        else:
+            module = new_module(kind, self.base.weight, rank, alpha, init=init, dtype=dtype, **options)
+            self._store(name, Dense(module, trainable=True))
 
     def load(self, name: str, module, dtype: torch.dtype = torch.float32) -> None:
         """Attach a file module's trained weights (frozen); Adapters has checked that it fits."""

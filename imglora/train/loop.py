@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig, to_dict
+from ..config import FIELDS, TrainConfig, to_dict
 from ..errors import ImgloraError
 from ..formats.files import atomic_write, clean_temp_files
 from ..formats.lora_file import load_adapter, save_adapter
@@ -42,7 +42,7 @@ from .samples import RunLog, read_sample_prompts, render_samples, validation_los
 
 NAME = "train"  # the adapter's name inside the pipeline; the file name is cfg.name
 # A checkpoint only continues the same run: these must match (RELIABILITY.md T4).
-RESUME_KEYS = ("model", "targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp",
+RESUME_KEYS = ("model", "adapter", "lokr_factor", "lokr_full_matrix", "targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp",
                "batch_size", "grad_accum", "resolution", "seed", "init", "flip", "crop", "caption_dropout",
                "shuffle_captions", "keep_tokens", "noise_offset", "val_count")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -169,14 +169,16 @@ class Trainer:
             self.say(f"full fine-tune: {sum(p.numel() for p in self.unet_params):,} trainable parameters")
             return
         keys = self.adapters.targets(cfg.targets, text_encoder=cfg.train_text_encoder, te_mlp=cfg.te_mlp)
+        options = {"factor": cfg.lokr_factor, "full_matrix": cfg.lokr_full_matrix} if cfg.adapter == "lokr" else {}
         self.adapters.create(NAME, keys, rank=cfg.rank, alpha=cfg.alpha, conv_rank=cfg.conv_rank,
-                             conv_alpha=cfg.conv_alpha, init=cfg.init, dropout=cfg.lora_dropout)
+                             conv_alpha=cfg.conv_alpha, init=cfg.init, dropout=cfg.lora_dropout, kind=cfg.adapter,
+                             **options)
         named = self.adapters.named_parameters(NAME)
         self.unet_params = [p for k, p in named.items() if k.startswith("unet.")]
         self.te_params = [p for k, p in named.items() if not k.startswith("unet.")]
         n = sum(p.numel() for p in named.values())
-        self.say(f"adapter: {len(keys)} modules ({cfg.targets}{' + text encoder' if self.te_params else ''}), "
-                 f"rank {cfg.rank}, {n:,} trainable parameters")
+        self.say(f"adapter: {cfg.adapter}, {len(keys)} modules ({cfg.targets}"
+                 f"{' + text encoder' if self.te_params else ''}), rank {cfg.rank}, {n:,} trainable parameters")
 
     # -- Caches ---------------------------------------------------------------------------------
     def _fill_caches(self):
@@ -302,6 +304,8 @@ class Trainer:
     def resume(self) -> None:
         path, adapter, optimizer, state = ckpt.find_and_load(self.ckpt_root, self.cfg.resume, warn=self.say)
         mine, theirs = self._resume_identity(), state["identity"]
+        # A key an older checkpoint lacks had its default then.
+        theirs = {**{k: FIELDS[k].default for k in RESUME_KEYS if k not in theirs}, **theirs}
         diffs = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in mine if theirs.get(k) != mine.get(k)]
         if diffs:
             raise ImgloraError(f"the checkpoint is from a different run ({'; '.join(diffs)})",
@@ -346,7 +350,7 @@ class Trainer:
                                   self.step * cfg.grad_accum * self.world // self.batches.per_epoch, started)
         meta = build_metadata(adapter, self.arch, cfg.name, self.prediction, self.resolution, to_dict(cfg), extra)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_precision]
-        largest = max(float(t.abs().max()) for m in adapter.modules.values() for t in (m.A, m.B))
+        largest = max(float(t.abs().max()) for m in adapter.modules.values() for t in m.tensors().values())
         if largest > torch.finfo(dtype).max:  # the trained run is never lost to the cast
             self.say(f"warning: a weight of {largest:.3g} does not fit --save-precision {cfg.save_precision}; "
                      "saving in fp32 instead")
