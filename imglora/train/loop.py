@@ -369,6 +369,12 @@ class Trainer:
 
     # -- The loop -------------------------------------------------------------------------------
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()  # however the run ends, the output folder is free again
+
+    def _run(self) -> Path:
         started = datetime.now(timezone.utc).isoformat()
         if self.cfg.resume:
             self.resume()
@@ -392,7 +398,6 @@ class Trainer:
         finally:
             bar.close()
             interrupt.restore()
-            self.lock.release()
 
     def _checked_step(self) -> tuple[float, float, float]:
         """One optimizer step: (loss, learning rate it used, seconds); a non-finite loss stops the run."""

@@ -187,7 +187,7 @@ def test_resume_refuses_a_different_run_and_missing_checkpoints(model_dir, shape
 def test_nan_loss_stops_with_a_hint_and_writes_nothing(model_dir, shapes, tmp_path, capsys):
     out = tmp_path / "nan"
     assert run_train("--model", model_dir, "--data", shapes, "--output", out, "--steps", 50,
-                     *train_flags(lr=1e9), "--max-grad-norm", "0") == 2
+                     *train_flags(lr=10), "--alpha", "1e6", "--max-grad-norm", "0") == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "lower --lr" in err
     assert not (out / "lora.safetensors").exists()
