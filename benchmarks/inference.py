@@ -142,6 +142,81 @@ def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(1, 2
     return results
 
 
+def random_kind(unet, keys: list[str], kind: str, rank: int, seed: int) -> Adapter:
+    """A LoHa or LoKr adapter with random non-zero tensors (both factors), at about LoRA's magnitude."""
+    from imglora.lora.kinds import new_module
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for key in keys:
+        base = unet.get_submodule(key.split(".", 1)[1])
+        w = getattr(base, "base", base).weight
+        m = new_module(kind, w.detach().float().cpu(), rank, float(rank), factor=8)
+        modules[key] = type(m).from_tensors({k: t if k == "alpha" else torch.randn(t.shape, generator=g) * 0.05
+                                             for k, t in m.tensors().items()})
+    return Adapter(modules)
+
+
+def bench_mixed(unet, device, dtype, size: int, rank: int = 16, reps: int = 3, cycles: int = 50, log=print) -> dict:
+    """A blend of mixed kinds (two LoRA, one LoHa, one LoKr on the transformer layers) at run time: the
+    forward beside the base forward, a weight change (and the forward after it) in base forwards, and
+    memory over load/blend/unload cycles."""
+    unet.to(device, dtype).eval()
+    holder = type("P", (), {})()
+    holder.unet = unet
+    ours = Adapters(holder)
+    keys = ours.targets("transformer")
+    files = {"lora0": random_adapter(unet, keys, rank, 0), "lora1": random_adapter(unet, keys, rank, 1),
+             "loha": random_kind(unet, keys, "loha", rank // 2, 2), "lokr": random_kind(unet, keys, "lokr", rank, 3)}
+    call = UNetCall(unet, 1, size, device, dtype)
+    calls = 5 if device.type == "cuda" else 1
+
+    def load_all():
+        for name, a in files.items():
+            ours.load(name, a, weight=0.5, dtype=dtype)
+
+    load_all()
+    ratios: dict[str, list[float]] = {}
+    for rep in range(reps):
+        for name in files:
+            ours.enable(name, False)
+        call()
+        base = timed(call, device, calls)
+        for name in files:
+            ours.enable(name, True)
+        call()  # builds the dense ΔW once
+        runtime = timed(call, device, calls)
+        ratios.setdefault("mixed_runtime_x", []).append(runtime / base)
+        change = timed(lambda: (ours.set_weight("loha", 0.3 + 0.01 * rep), call()), device) - runtime
+        ratios.setdefault("mixed_weight_change_forwards", []).append(max(0.0, change) / base)
+    results = {k: statistics.median(v) for k, v in ratios.items()}
+    ours.remove_all()
+
+    def memory():
+        gc.collect()
+        if device.type == "cuda":
+            return torch.cuda.memory_allocated() / 2 ** 20
+        trim_heap()
+        return rss_mb()
+
+    def cycle():
+        load_all()
+        ours.set_weight("lokr", 0.8)
+        call()
+        ours.enable("loha", False)
+        call()
+        ours.remove_all()
+
+    for _ in range(3):
+        cycle()
+    start = memory()
+    for _ in range(cycles):
+        cycle()
+    results["mixed_memory_growth_pct"] = 100 * (memory() - start) / start
+    log(f"mixed kinds: {results}")
+    return results
+
+
 def _cycle(ours, adapters, dtype):
     for i, a in enumerate(adapters):
         ours.load(f"c{i}", a, weight=0.5, dtype=dtype)

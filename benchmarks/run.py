@@ -86,11 +86,13 @@ def main(argv=None) -> int:
     if "inference" in suites:
         from imglora.models.load import load_pipeline
 
-        from .inference import bench_inference
+        from .inference import bench_inference, bench_mixed
 
         pipe = load_pipeline(path)
         results["inference"] = bench_inference(pipe.unet, device, dtype, args.size, args.batch, reps=args.reps,
                                                with_peft=not args.no_peft, log=lambda s: print(s, file=sys.stderr))
+        results["inference"].update(bench_mixed(pipe.unet, device, dtype, args.size, reps=args.reps,
+                                                log=lambda s: print(s, file=sys.stderr)))
         del pipe
     if "training" in suites:
         from .training import bench_training

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from imglora.data.captions import (CAPTION_EXTENSIONS, add_prefix, check_fallback, concept, fallback_caption,
                                    metadata_captions, read_caption, sidecar, walk)
-from imglora.errors import ImgloraError
-from imglora.formats.files import atomic_write
+from imglora.errors import ImgloraError, shown
+from imglora.formats.files import TMP_MARK, atomic_write, clean_temp_files
 
 BACKUP_DIR = ".imglora-backup"
 MANIFEST = "manifest.json"
@@ -75,6 +75,7 @@ def plan(root, edits: Edits, extension: str = ".txt") -> tuple[list[tuple[Path, 
             changes.append((side, old, new))
     notes = [f"{skipped_jsonl} image(s) captioned in metadata.jsonl were left alone; `imglora-data convert "
              f"--to sidecar` first to edit them"] if skipped_jsonl else []
+    notes += [f"folder {shown(p)}: skipped, {why}" for p, why in found.skipped]
     return changes, notes
 
 
@@ -82,7 +83,7 @@ def diff(changes, root) -> str:
     """A unified diff of the planned changes (new files against /dev/null)."""
     out = []
     for path, old, new in changes:
-        rel = Path(path).relative_to(root).as_posix()
+        rel = shown(Path(path).relative_to(root).as_posix())
         out += difflib.unified_diff([] if old is None else [old + "\n"], [new + "\n"],
                                     "/dev/null" if old is None else f"a/{rel}", f"b/{rel}")
     return "".join(out)
@@ -142,3 +143,26 @@ def restore(root, backup) -> list[Path]:
             os.unlink(root / rel)
             done.append(root / rel)
     return done
+
+
+def clean_leftovers(folder) -> list[Path]:
+    """Remove what a killed run left under `folder`: the temp files and temp folders of atomic writes (their
+    names hold formats.files.TMP_MARK), and backup folders that never got their manifest (a run writes
+    captions only after the manifest, so nothing was changed after such a backup). Links are not followed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for dirpath, dirnames, _ in os.walk(folder):
+        here = Path(dirpath)
+        removed += clean_temp_files(here)
+        for name in [d for d in dirnames if d.startswith(".") and TMP_MARK in d]:
+            shutil.rmtree(here / name, ignore_errors=True)
+            removed.append(here / name)
+            dirnames.remove(name)
+    backups = folder / BACKUP_DIR
+    for backup in sorted(backups.iterdir()) if backups.is_dir() else []:
+        if backup.is_dir() and not backup.is_symlink() and not (backup / MANIFEST).is_file():
+            shutil.rmtree(backup, ignore_errors=True)
+            removed.append(backup)
+    return removed

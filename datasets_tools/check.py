@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imglora.data.captions import (CAPTION_EXTENSIONS, REPEAT_DIR, Walk, add_prefix, check_fallback, read_caption,
-                                   read_metadata, sidecar, walk)
+from imglora.data import MIN_IMAGE_SIDE
+from imglora.data.buckets import bucketer
+from imglora.data.captions import (CAPTION_EXTENSIONS, Walk, add_prefix, check_fallback, folder_notes, read_caption,
+                                   read_metadata, repeat_folder, sidecar, walk)
 from imglora.data.images import EXTENSION_FORMATS, ImageInfo, has_alpha, open_file, orientation, to_rgb
 from imglora.data.scan import inspect_image, parallel_map
 from imglora.errors import ImgloraError
@@ -50,11 +52,13 @@ class Report:
     folder: str
     images: int
     findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was decided: repeat folders, skipped folders
 
     def as_dict(self) -> dict:
         errors = sum(f.severity == "error" for f in self.findings)
         return {"folder": self.folder, "images": self.images, "errors": errors,
-                "warnings": len(self.findings) - errors, "problems": [asdict(f) for f in self.findings]}
+                "warnings": len(self.findings) - errors, "problems": [asdict(f) for f in self.findings],
+                "notes": self.notes}
 
 
 @dataclass
@@ -82,8 +86,12 @@ def measure(img: Image.Image, info: ImageInfo) -> Pixels:
                   img.mode in ("P", "L", "RGB") and has_alpha(img))
 
 
-def inspect_file(path: Path, min_side: int, max_aspect: float) -> dict:
-    """Everything about one image file: its problems, content hash and Pixels."""
+MAX_UPSCALE = 2.0  # an image enlarged more than this per side to fill its bucket trains visibly blurred
+
+
+def inspect_file(path: Path, min_side: int, max_aspect: float, bucket_of=None, resolution: int | None = None) -> dict:
+    """Everything about one image file: its problems, content hash and Pixels. `bucket_of`: the trainer's
+    bucket rule at `resolution` (data.buckets.bucketer), to find images that would train much enlarged."""
     out: dict = {"path": path, "problems": [], "sha": None, "pixels": None}
     try:
         with open_file(path) as f:
@@ -123,6 +131,13 @@ def inspect_file(path: Path, min_side: int, max_aspect: float) -> dict:
     elif max(w, h) / min(w, h) > max_aspect:
         out["problems"].append((f"extreme aspect ratio ({w}x{h}, over {max_aspect:g}:1)",
                                 "crop it closer to the subject", "warning"))
+    elif bucket_of is not None:
+        bw, bh = bucket_of(w, h)
+        scale = max(bw / w, bh / h)
+        if scale > MAX_UPSCALE:
+            out["problems"].append((f"trains enlarged {scale:.1f}x ({w}x{h} into the {bw}x{bh} bucket at "
+                                    f"{resolution} px): blurry", "use a larger version, or train with --no-upscale",
+                                    "warning"))
     return out
 
 
@@ -204,7 +219,7 @@ def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, f
         else:
             where, text = image, None
         if text is None and not fallback:
-            kohya = any(REPEAT_DIR.match(part) for part in image.parent.relative_to(root.parent).parts)
+            kohya = any(repeat_folder(part)[0] for part in image.parent.relative_to(root.parent).parts)
             fix = hint + (", or train with --caption-fallback folder (kohya style)" if kohya else "")
             out.append(Finding(str(image), "missing caption", fix, "caption", "error"))
             continue
@@ -273,22 +288,27 @@ def duplicate_findings(entries: list[dict], near_bits: int) -> list[Finding]:
     return out
 
 
-def check_folder(root, min_side: int = 64, max_aspect: float = 4.0, max_tokens: int = 77, tokenizer=None,
-                 near_bits: int = 6, workers: int | None = None, progress: bool = True, fallback: str | None = None,
-                 trigger: str | None = None, caption_extensions=CAPTION_EXTENSIONS) -> Report:
-    """Every problem under `root`, image by image, then captions, then duplicates."""
+def check_folder(root, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = 4.0, max_tokens: int = 77,
+                 tokenizer=None, near_bits: int = 6, workers: int | None = None, progress: bool = True,
+                 fallback: str | None = None, trigger: str | None = None, caption_extensions=CAPTION_EXTENSIONS,
+                 resolution: int | None = None,
+                 bucket_step: int = 64, min_bucket: int | None = None, max_bucket: int | None = None,
+                 no_upscale: bool = False) -> Report:
+    """Every problem under `root`, image by image, then captions, then duplicates. With `resolution` (and
+    the other bucket settings, as in training), images that would train much enlarged are reported too."""
     root = Path(root)
     check_fallback(fallback)
+    bucket_of = bucketer(resolution, bucket_step, min_bucket, max_bucket) if resolution and not no_upscale else None
     found = walk(root)
     findings = [Finding(str(p), why, "remove the link" if "link" in why else "check its permissions", "folder")
                 for p, why in found.skipped]
-    entries = parallel_map(lambda p: inspect_file(p, min_side, max_aspect), found.images, workers,
-                           "checking images", progress)
+    entries = parallel_map(lambda p: inspect_file(p, min_side, max_aspect, bucket_of, resolution), found.images,
+                           workers, "checking images", progress)
     for e in entries:
         findings += [Finding(str(e["path"]), why, fix, "image", sev) for why, fix, sev in e["problems"]]
     findings += caption_findings(found, root, max_tokens, tokenizer, fallback, trigger, caption_extensions)
     findings += duplicate_findings([e for e in entries if e["sha"]], near_bits)
     order = {"folder": 0, "image": 1, "caption": 2, "duplicate": 3}
     findings.sort(key=lambda f: (f.path, order[f.kind]))
-    return Report(str(root), len(found.images), findings)
+    return Report(str(root), len(found.images), findings, folder_notes(root, found, skipped=False))
 

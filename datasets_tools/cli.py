@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from imglora.errors import ImgloraError, run_command
+from imglora.data import MIN_IMAGE_SIDE
+from imglora.data.captions import print_note
+from imglora.errors import ImgloraError, escaped, run_command, shell_word, shown
 
 PROG = "imglora-data"
 
@@ -36,6 +39,13 @@ def positive(kind):
     return parse
 
 
+def percent(text: str) -> int:
+    value = positive(int)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is above 100")
+    return value
+
+
 def colour(text: str) -> tuple[int, int, int]:
     """'#rrggbb', '#rgb' or a CSS colour name."""
     from PIL import ImageColor
@@ -46,22 +56,36 @@ def colour(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a colour (e.g. '#ffffff' or white)") from None
 
 
+def training_resolution(args) -> int:
+    """The resolution the trainer would use: --resolution, else the model's own (--model, default the
+    embedded model), else 512, as `imglora train` decides it."""
+    if args.resolution:
+        return args.resolution
+    from imglora.models.load import native_resolution
+
+    return native_resolution(args.model) or 512
+
+
 def check_command(args) -> int:
     from .check import check_folder, load_tokenizer
 
     report = check_folder(args.dir, args.min_side, args.max_aspect, args.max_tokens, load_tokenizer(args.tokenizer),
                           near_bits=args.near_bits, workers=args.workers, progress=not args.quiet,
                           fallback=args.caption_fallback, trigger=args.trigger,
-                          caption_extensions=tuple(dict.fromkeys((args.caption_extension, ".txt", ".caption"))))
+                          caption_extensions=tuple(dict.fromkeys((args.caption_extension, ".txt", ".caption"))),
+                          resolution=training_resolution(args), bucket_step=args.bucket_step,
+                          min_bucket=args.min_bucket, max_bucket=args.max_bucket, no_upscale=args.no_upscale)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1, ensure_ascii=False))
     else:
+        for note in report.notes:
+            print_note(note)
         for f in report.findings:
-            print(f"{f.path}: {f.severity}: {f.reason} — {f.fix}")
+            print(f"{shown(f.path)}: {f.severity}: {escaped(f.reason)} — {escaped(f.fix)}")
         d = report.as_dict()
-        print(f"{args.dir}: {report.images} images, {d['errors']} error(s) (files training cannot use), "
+        print(f"{shown(args.dir)}: {report.images} images, {d['errors']} error(s) (files training cannot use), "
               f"{d['warnings']} warning(s)" if report.findings else
-              f"{args.dir}: {report.images} images, no problems found", file=sys.stderr)
+              f"{shown(args.dir)}: {report.images} images, no problems found", file=sys.stderr)
     return 1 if report.findings else 0
 
 
@@ -72,22 +96,43 @@ def stats_command(args) -> int:
     if args.plot:
         from .resize import refuse_inside
 
+        if not args.plot.lower().endswith(".png"):
+            raise ImgloraError("--plot writes a PNG image", "give it a name ending in .png", path=args.plot)
         refuse_inside(args.dir, args.plot)
-    stats = folder_stats(args.dir, args.resolution, args.bucket_step, args.no_upscale, load_tokenizer(args.tokenizer),
-                         min_bucket=args.min_bucket, max_bucket=args.max_bucket, fallback=args.caption_fallback,
-                         workers=args.workers, progress=not args.quiet)
-    print(json.dumps(stats, indent=1, default=str, ensure_ascii=False) if args.json else render(stats))
+        if Path(args.plot).exists() and not args.overwrite:  # before any work
+            raise ImgloraError("already exists", "choose another name or pass --overwrite", path=args.plot)
+    stats = folder_stats(args.dir, training_resolution(args), args.bucket_step, args.no_upscale,
+                         load_tokenizer(args.tokenizer), min_bucket=args.min_bucket, max_bucket=args.max_bucket,
+                         fallback=args.caption_fallback, workers=args.workers, progress=not args.quiet,
+                         min_side=args.min_side)
+    if args.json:
+        print(json.dumps(stats, indent=1, default=str, ensure_ascii=False))
+    else:
+        for note in stats["notes"]:
+            print_note(note)
+        print(render(stats))
     if args.plot:
-        print(f"plot: {plot(stats, args.plot, overwrite=args.overwrite)}", file=sys.stderr)
+        print(f"plot: {shown(plot(stats, args.plot, overwrite=args.overwrite))}", file=sys.stderr)
     return 0
+
+
+def clean(folder) -> None:
+    """Remove what a killed earlier run left in `folder` (temp files, unfinished backups), and say so."""
+    from .caption import clean_leftovers
+
+    removed = clean_leftovers(folder)
+    if removed:
+        print_note(f"removed {len(removed)} leftover(s) of an interrupted run in {shown(folder)} "
+                   f"(first: {shown(removed[0])})")
 
 
 def caption_command(args) -> int:
     from .caption import Edits, plan, restore
 
     if args.restore:
-        restored = restore(args.dir, args.restore)
-        print(f"{len(restored)} caption file(s) restored from {args.restore}", file=sys.stderr)
+        restored = restore(args.dir, args.restore)  # first: the backup it names is never cleaned away
+        clean(args.dir)
+        print(f"{len(restored)} caption file(s) restored from {shown(args.restore)}", file=sys.stderr)
         return 0
     replace = {}
     for r in args.replace:
@@ -111,35 +156,43 @@ def _preview_or_apply(folder, changes, notes, dry_run: bool, what: str) -> int:
     from .caption import apply, diff
 
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print_note(note)
     if dry_run:
         sys.stdout.write(diff(changes, folder))
         print(f"{len(changes)} {what} would change (dry run: nothing written)", file=sys.stderr)
         return 0
+    clean(folder)
     backup = apply(folder, changes)
-    print(f"{len(changes)} {what} changed" + (f"; originals in {backup} (undo: imglora-data caption "
-          f"{folder} --restore {backup})" if backup else ""), file=sys.stderr)
+    print(f"{len(changes)} {what} changed" + (f"; originals in {shown(backup)} (undo: imglora-data caption "
+          f"{shell_word(folder)} --restore {shell_word(backup)})" if backup else ""), file=sys.stderr)
     return 0
 
 
 def resize_command(args) -> int:
-    from .resize import resize_folder
+    from .resize import refuse_inside, resize_folder
 
+    refuse_inside(args.dir, args.out)
+    clean(args.out)
     written, skipped = resize_folder(args.dir, args.out, args.max_side, args.buckets, args.bucket_step,
                                      args.background, args.format, args.quality, overwrite=args.overwrite,
                                      no_upscale=args.no_upscale, workers=args.workers, progress=not args.quiet)
     for path, reason in skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"{len(written)} image(s) written to {args.out}", file=sys.stderr)
+        print(f"skipped {shown(path)}: {escaped(reason)}", file=sys.stderr)
+    print(f"{len(written)} image(s) written to {shown(args.out)}", file=sys.stderr)
     return 0
 
 
 def convert_command(args) -> int:
     from .convert import convert, copy_dataset
+    from .resize import refuse_inside
 
     if args.out:
-        written = copy_dataset(args.dir, args.out, args.to, one_file=args.one_file, overwrite=args.overwrite)
-        print(f"{len(written)} file(s) written to {args.out}", file=sys.stderr)
+        refuse_inside(args.dir, args.out)
+        clean(args.out)
+        written, notes = copy_dataset(args.dir, args.out, args.to, one_file=args.one_file, overwrite=args.overwrite)
+        for note in notes:
+            print_note(note)
+        print(f"{len(written)} file(s) written to {shown(args.out)}", file=sys.stderr)
         return 0
     changes, notes = convert(args.dir, args.to, one_file=args.one_file, overwrite=args.overwrite)
     return _preview_or_apply(args.dir, changes, notes, args.dry_run, "file(s)")
@@ -149,7 +202,7 @@ def synth_command(args) -> int:
     from .synth import synth
 
     written = synth(args.out, args.n, args.seed, args.size, args.shapes, args.colours, args.backgrounds, args.word)
-    print(f"{len(written)} images with captions in {args.out}", file=sys.stderr)
+    print(f"{len(written)} images with captions in {shown(args.out)}", file=sys.stderr)
     return 0
 
 
@@ -158,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def training(s):
+        """The settings that decide what training uses and how it buckets, with the trainer's defaults."""
+        s.add_argument("--model", help="as in training: the base model whose resolution the buckets are made for "
+                       "(default: the embedded model, 64 px)")
+        s.add_argument("--resolution", type=positive(int), help="as in training: the resolution the buckets are "
+                       "made for (default: the model's)")
+        s.add_argument("--bucket-step", type=positive(int), default=64, help="as in training: bucket side step in "
+                       "pixels (default: %(default)s)")
+        s.add_argument("--min-bucket", type=positive(int), help="as in training: smallest bucket side "
+                       "(default: resolution/2)")
+        s.add_argument("--max-bucket", type=positive(int), help="as in training: largest bucket side "
+                       "(default: resolution*2)")
+        s.add_argument("--no-upscale", action="store_true", help="as in training: small images keep their size")
+        s.add_argument("--min-side", type=positive(int), default=MIN_IMAGE_SIDE, help="as in training "
+                       "(--min-image-side): smallest usable image side in pixels (default: %(default)s)")
+
     def common(s, workers=True):
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         if workers:
@@ -165,8 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="list every problem in a training folder (exit 1 if any)")
     c.add_argument("dir", help="training folder to check")
-    c.add_argument("--min-side", type=positive(int), default=64, help="smallest usable image side in pixels "
-                   "(default: %(default)s)")
     c.add_argument("--max-aspect", type=positive(float), default=4.0, help="largest long/short side ratio "
                    "(default: %(default)s)")
     c.add_argument("--max-tokens", type=positive(int), default=77, help="CLIP tokens a caption may use "
@@ -180,23 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--caption-extension", default=".txt", help="as in training: sidecar caption extension "
                    "(.txt and .caption are read too; default: %(default)s)")
     c.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    training(c)
     common(c)
     c.set_defaults(func=check_command)
 
     s = sub.add_parser("stats", help="sizes, buckets, tags and caption lengths")
     s.add_argument("dir", help="training folder")
-    s.add_argument("--resolution", type=positive(int), default=512, help="as in training: the resolution the "
-                   "buckets are made for (default: %(default)s)")
-    s.add_argument("--bucket-step", type=positive(int), default=64, help="as in training: bucket side step in "
-                   "pixels (default: %(default)s)")
-    s.add_argument("--min-bucket", type=positive(int), help="smallest bucket side (default: resolution/2)")
-    s.add_argument("--max-bucket", type=positive(int), help="largest bucket side (default: resolution*2)")
-    s.add_argument("--no-upscale", action="store_true", help="as in training: small images keep their size")
     s.add_argument("--caption-fallback", help="as in training: folder, filename or a template with {folder}, {stem}")
     s.add_argument("--tokenizer", help="CLIP tokenizer folder for exact caption lengths (default: an estimate)")
     s.add_argument("--plot", metavar="FILE.png", help="write the charts to this PNG (outside DIR)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     s.add_argument("--json", action="store_true", help="machine-readable statistics on stdout")
+    training(s)
     common(s)
     s.set_defaults(func=stats_command)
 
@@ -230,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour that transparency is flattened onto (default #ffffff)")
     r.add_argument("--format", default="keep", choices=["keep", "png", "jpg", "webp"],
                    help="keep: JPEG stays JPEG, everything else becomes PNG (default: %(default)s)")
-    r.add_argument("--quality", type=positive(int), default=95, help="JPEG/WebP quality (default: %(default)s)")
+    r.add_argument("--quality", type=percent, default=95, help="JPEG/WebP quality (default: %(default)s)")
     r.add_argument("--overwrite", action="store_true", help="replace files that already exist in OUT")
     common(r)
     r.set_defaults(func=resize_command)

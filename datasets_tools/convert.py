@@ -14,7 +14,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from imglora.data.captions import METADATA, REPEAT_DIR, collect_items, concept, read_caption, sidecar
+from imglora.data.captions import METADATA, collect_items, concept, read_caption, repeat_folder, sidecar
 from imglora.errors import ImgloraError
 from imglora.formats.files import atomic_write
 
@@ -23,18 +23,18 @@ from .resize import refuse_inside
 
 def captions_of(root: Path) -> tuple[list[tuple[Path, str, int]], list[str]]:
     """[(image, caption, repeats)] from every source, kohya folders captioned by name; notes on the rest."""
-    out, missing = [], 0
-    for item in collect_items(root):
+    out, missing, notes = [], 0, []
+    for item in collect_items(root, log=notes.append):
         caption = item.caption
         if caption is None and item.problem in ("missing caption", "empty caption"):
-            in_kohya = any(REPEAT_DIR.match(p) for p in item.image.parent.relative_to(root.parent).parts)
+            in_kohya = any(repeat_folder(p)[0] for p in item.image.parent.relative_to(root.parent).parts)
             caption = concept(item.image.parent, root)[0] if in_kohya else None
         if caption is None:
             missing += 1
             continue
         out.append((item.image, caption, item.repeats))
-    notes = [f"{missing} image(s) without a usable caption were left out (`imglora-data check` lists them)"] \
-        if missing else []
+    if missing:
+        notes.append(f"{missing} image(s) without a usable caption were left out (`imglora-data check` lists them)")
     return out, notes
 
 
@@ -82,12 +82,13 @@ def _copy(src: Path, f) -> None:
         shutil.copyfileobj(g, f)
 
 
-def copy_dataset(root, out, to: str, one_file: bool = False, overwrite: bool = False) -> list[Path]:
-    """A converted copy of DIR in OUT: images hard-linked where possible (else copied), new captions."""
+def copy_dataset(root, out, to: str, one_file: bool = False,
+                 overwrite: bool = False) -> tuple[list[Path], list[str]]:
+    """A converted copy of DIR in OUT: images hard-linked where possible (else copied), new captions; and notes."""
     root, out = Path(root), Path(out)
     refuse_inside(root, out)
     items, _ = captions_of(root)
-    files, _ = layout(root, to, one_file)
+    files, notes = layout(root, to, one_file)
     targets = [out / image.relative_to(root) for image, _, _ in items] + [out / p.relative_to(root) for p in files]
     if not overwrite:
         for dest in targets:
@@ -108,4 +109,4 @@ def copy_dataset(root, out, to: str, one_file: bool = False, overwrite: bool = F
         dest = out / path.relative_to(root)
         atomic_write(dest, lambda f, t=text: f.write((t + "\n").encode("utf-8")), overwrite=overwrite)
         written.append(dest)
-    return written
+    return written, notes

@@ -85,7 +85,7 @@ def resize_folder(root, out, max_side: int | None = None, buckets_at: int | None
         return image, None
 
     results = parallel_map(one, list(plan), workers, "resizing", progress)
-    skipped = [(image, why) for image, why in results if why]
+    skipped = list(found.skipped) + [(image, why) for image, why in results if why]  # folders: unreadable, loops
     written = [plan[image] for image, why in results if not why]
     for side, dest in captions.items():
         atomic_write(dest, lambda f, s=side: f.write(s.read_bytes()), overwrite=overwrite)

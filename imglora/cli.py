@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from .config import FORMAT_HELP, add_arguments
-from .errors import ImgloraError, run_command
+from .config import FIELDS, FORMAT_HELP, add_arguments
+from .errors import ImgloraError, escaped, run_command, shown
 from .threads import configure as configure_threads
+
+MAX_WEIGHT = 100.0  # an adapter weight beyond this is a typo (1e30), never an image
+MAX_SEED = 2**63 - 1
+SAVE_PRECISION = FIELDS["save_precision"]  # what training saves, so merge/resize/convert default to the same
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
@@ -29,6 +34,63 @@ def parse_weighted(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+# -- numbers, checked while parsing: before any file or model is loaded ----------------------------
+def _number(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") \
+            from None
+
+
+def at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {low} to {high}" if high is not None
+                                             else f"{text} is below {low}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def pixels(text: str) -> int:
+    """An image side: a positive multiple of 8 (the VAE's factor)."""
+    value = _number(int, text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8 (the VAE works in 8-pixel "
+                                         f"cells): use e.g. {max(8, value // 8 * 8)}")
+    return value
+
+
+def finite(text: str) -> float:
+    value = _number(float, text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def weighted(spec: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] with a finite weight of at most MAX_WEIGHT either way."""
+    path, weight = parse_weighted(spec)
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the weight must be a number from {-MAX_WEIGHT:g} to "
+                                         f"{MAX_WEIGHT:g}, not {weight:g}")
+    return path, weight
+
+
+def out_format(text: str) -> str:
+    return {"peft": "diffusers"}.get(text, text)  # the old name of the diffusers format still works
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with bad usage as one line (RELIABILITY.md §6) instead of the usage block."""
+
+    def error(self, message):
+        print(f"imglora: {escaped(message)} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -37,35 +99,46 @@ def _torch_dtype(name: str):
 
 # -- generate -------------------------------------------------------------------------------------
 def generate_command(args) -> None:
+    from .formats.files import read_header
     from .generate import GenerateArgs, generate, parameters_text, save_png
     from .lora.adapters import Adapters
     from .lora.state import Blend
     from .pipeline import attach, load_model
 
+    # Everything that can fail is checked before the model loads and anything renders.
+    outputs = _output_names(args.out, args.batch, args.overwrite)
+    for path, _ in args.lora:
+        read_header(path)  # exists and is a whole safetensors file
     model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
     adapters = Adapters(model.pipe)
     weights = {}
-    for spec in args.lora:
-        path, weight = parse_weighted(spec)
+    for path, weight in args.lora:
         weights[attach(model, adapters, path, weight)] = weight
     ga = GenerateArgs(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
                       batch=args.batch, blend=Blend(weights))
     images = generate(model, ga, adapters, progress=True)
-    for i, image in enumerate(images):
-        out = _output_name(args.out, i, len(images), args.overwrite)
+    for i, (image, out) in enumerate(zip(images, outputs)):
         save_png(image, out, parameters_text(model, ga, args.seed + i), overwrite=args.overwrite)
-        print(out)
+        print(shown(out))
 
 
-def _output_name(out: str | None, i: int, n: int, overwrite: bool) -> Path:
-    """The requested name (numbered for a batch); with no --out, the first free imglora-NNNNN.png."""
+def _output_names(out: str | None, n: int, overwrite: bool) -> list[Path]:
+    """The requested name (numbered for a batch), refused if it exists without --overwrite; with no --out,
+    the first n free imglora-NNNNN.png."""
     if out:
         p = Path(out)
-        return p if n == 1 else p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}")
-    k = 0
-    while Path(f"imglora-{k:05d}.png").exists():
+        names = [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}") for i in range(n)]
+        for name in names:
+            if name.exists() and not overwrite:
+                raise ImgloraError("already exists", "choose another --out or pass --overwrite (nothing was rendered)",
+                                   path=name)
+        return names
+    names, k = [], 0
+    while len(names) < n:
+        if not Path(f"imglora-{k:05d}.png").exists():
+            names.append(Path(f"imglora-{k:05d}.png"))
         k += 1
-    return Path(f"imglora-{k:05d}.png")
+    return names
 
 
 # -- inspect / convert / merge / resize -----------------------------------------------------------
@@ -76,34 +149,81 @@ def inspect_command(args) -> None:
     print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else render(info))
 
 
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    """Before any input is read: an existing output is never replaced without --overwrite."""
+    if Path(path).exists() and not overwrite:
+        raise ImgloraError("already exists", "choose another name or pass --overwrite", path=path)
+
+
+def _plain(adapter, path):
+    """The adapter, if merge and resize can take it (plain LoRA/LoCon modules); else a one-line error."""
+    from .ops.resize import not_plain_lora
+
+    why = not_plain_lora(adapter)
+    if why:
+        raise ImgloraError(f"merge and resize work on LoRA/LoCon modules, and {why}",
+                           "use the file as it is (generate and the app blend every kind)", path=path)
+    return adapter
+
+
+def _ranks(adapter) -> str:
+    return "/".join(map(str, sorted(set(adapter.ranks()))))
+
+
+def _save_dtype(adapter, precision: str, path: str):
+    """The torch dtype of --save-precision, refused up front if the adapter's values overflow it (fp16: 65504)."""
+    import torch
+
+    dtype = _torch_dtype(precision)
+    if dtype == torch.float16:
+        # diffusers files carry the scale in lora_B: the largest value written is at most max|t|·max(1, scale).
+        top = max((float(t.abs().max()) * max(1.0, getattr(m, "scale", 1.0)) for m in adapter.modules.values()
+                   for t in (m.tensors().values() if hasattr(m, "tensors") else (m.A, m.B))), default=0.0)
+        if top > torch.finfo(torch.float16).max:
+            raise ImgloraError(f"values up to {top:.3g} do not fit in fp16 (at most 65504)",
+                               "pass --save-precision fp32 or bf16", path=path)
+    return dtype
+
+
 def convert_command(args) -> None:
+    from .formats.inspect import format_name
     from .formats.lora_file import load_adapter, save_adapter
 
+    _refuse_existing(args.output, args.overwrite)
     adapter, fmt = load_adapter(args.input)
     if args.arch:
         adapter.arch = args.arch
-    save_adapter(args.output, adapter, fmt=args.to, overwrite=args.overwrite)
-    print(f"{args.input} ({fmt}) -> {args.output} ({args.to}, {len(adapter.modules)} modules)")
+    save_adapter(args.output, adapter, fmt=args.to, overwrite=args.overwrite,
+                 dtype=_save_dtype(adapter, args.save_precision, args.output))
+    print(f"{shown(args.input)} ({format_name(fmt)}) -> {shown(args.output)} ({args.to}, {len(adapter.modules)} "
+          f"modules, {args.save_precision})")
 
 
 def merge_command(args) -> None:
     from .formats.lora_file import load_adapter, save_adapter
     from .formats.metadata import build_metadata
-    from .ops.merge import merge
+    from .ops.merge import concatenate
+    from .ops.resize import resize
 
-    parts = [(load_adapter(p)[0], w) for p, w in map(parse_weighted, args.inputs)]
+    _refuse_existing(args.output, args.overwrite)
+    parts = [(_plain(load_adapter(p)[0], p), w) for p, w in args.inputs]
     try:
-        merged, energy = merge(parts, args.rank)
+        merged, energy = concatenate(parts), None
     except ValueError as e:
         raise ImgloraError(str(e), "merge adapters made for the same base model") from None
-    sources = [{"file": os.path.basename(p), "weight": w} for p, w in map(parse_weighted, args.inputs)]
+    if args.rank is not None:
+        top = max(merged.ranks(), default=0)
+        if args.rank > top:
+            raise ImgloraError(f"--rank {args.rank} is above the merged rank {top} (the exact concatenation's)",
+                               f"choose a rank from 1 to {top}, or leave --rank out for the exact merge")
+        merged, energy = resize(merged, args.rank)
+    sources = [{"file": os.path.basename(p), "weight": w} for p, w in args.inputs]
     meta = build_metadata(merged, merged.arch, Path(args.output).stem,
                           extra={"modelspec.merged_from": ", ".join(s["file"] for s in sources),
                                  "imglora.merged_from": sources})
-    save_adapter(args.output, merged, fmt=args.to, metadata=meta,
-                 overwrite=args.overwrite)
-    ranks = sorted(set(merged.ranks()))
-    print(f"{args.output}: {len(merged.modules)} modules, rank {'/'.join(map(str, ranks))}"
+    save_adapter(args.output, merged, fmt=args.to, metadata=meta, overwrite=args.overwrite,
+                 dtype=_save_dtype(merged, args.save_precision, args.output))
+    print(f"{shown(args.output)}: {len(merged.modules)} modules, rank {_ranks(merged)}, {args.save_precision}"
           + (f", {energy.line()}" if energy else " (exact concatenation)"))
 
 
@@ -112,10 +232,16 @@ def resize_command(args) -> None:
     from .formats.metadata import resized_metadata
     from .ops.resize import resize
 
-    adapter, _ = load_adapter(args.input)
+    _refuse_existing(args.output, args.overwrite)
+    adapter = _plain(load_adapter(args.input)[0], args.input)
+    top = max(adapter.ranks(), default=0)
+    if args.rank > top:
+        raise ImgloraError(f"--rank {args.rank} is above the file's rank {top}",
+                           f"resize lowers the rank: choose 1 to {top}", path=args.input)
     small, energy = resize(adapter, args.rank)
-    save_adapter(args.output, small, metadata=resized_metadata(adapter.metadata, args.rank), overwrite=args.overwrite)
-    print(f"{args.output}: rank {args.rank}, {energy.line()}")
+    save_adapter(args.output, small, metadata=resized_metadata(adapter.metadata, small), overwrite=args.overwrite,
+                 dtype=_save_dtype(small, args.save_precision, args.output))
+    print(f"{shown(args.output)}: rank {_ranks(small)}, {args.save_precision}, {energy.line()}")
 
 
 def train_command(args) -> None:
@@ -126,10 +252,11 @@ def train_command(args) -> None:
 
 
 def demo_command(args) -> None:
-    from .synthetic.demo import run_demo, summary_line
+    from .synthetic.demo import next_steps, run_demo, summary_line
 
     result = run_demo(output=args.output, seed=args.seed, steps=args.steps)
     print(summary_line(result), flush=True)
+    print(next_steps(result, args.output, opening_ui=args.ui), flush=True)
     if args.ui:
         from ui.app import launch
 
@@ -162,23 +289,28 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
+    p = Parser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images with adapters blended")
     g.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="adapter file and its blend weight (default weight: 1.0), repeatable")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=weighted,
+                   help=f"adapter file and its blend weight, from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default weight: "
+                        "1.0), repeatable")
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative", default="", help="negative prompt (default: none)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
-    g.add_argument("--steps", type=int, help="inference steps (default: the model's, else 50)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 7.5; "
+    g.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="seed of the first image "
+                   "(default: %(default)s)")
+    g.add_argument("--steps", type=at_least(1), help="inference steps (default: the model's, else 50)")
+    g.add_argument("--guidance", type=finite, help="classifier-free guidance scale (default: the model's, else 7.5; "
                    "5.0 for SDXL)")
-    g.add_argument("--width", type=int, help="image width in pixels (default: the model's resolution)")
-    g.add_argument("--height", type=int, help="image height in pixels (default: the model's resolution)")
-    g.add_argument("--batch", type=int, default=1, help="images, with seeds SEED, SEED+1, ... (default: %(default)s)")
+    g.add_argument("--width", type=pixels, help="image width in pixels, a multiple of 8 (default: the model's "
+                   "resolution)")
+    g.add_argument("--height", type=pixels, help="image height in pixels, a multiple of 8 (default: the model's "
+                   "resolution)")
+    g.add_argument("--batch", type=at_least(1, 1024), default=1, help="images, with seeds SEED, SEED+1, ... "
+                   "(default: %(default)s)")
     g.add_argument("--out", help="output PNG (default: the next free imglora-NNNNN.png)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -201,48 +333,54 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format")
     c.add_argument("input", help="adapter file to read (kohya or diffusers format)")
     c.add_argument("output", help="adapter file to write")
-    c.add_argument("--to", choices=["kohya", "diffusers"], required=True, help=FORMAT_HELP)
+    c.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, required=True, help=FORMAT_HELP)
     c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say "
                    "(default: the file's)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    save_precision(c)
     c.set_defaults(func=convert_command)
 
     m = sub.add_parser("merge", help="blend adapters into one file (exact, or SVD to --rank)")
     m.add_argument("output", help="merged adapter file to write")
-    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]",
-                   help="adapters to blend, each with its weight (default weight: 1.0)")
-    m.add_argument("--rank", type=int, help="compress the result to this rank by SVD (default: exact "
-                   "concatenation, rank = the sum of the ranks)")
-    m.add_argument("--to", choices=["kohya", "diffusers"], default="kohya",
+    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]", type=weighted,
+                   help=f"adapters to blend, each with its weight, from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                        "(default weight: 1.0)")
+    m.add_argument("--rank", type=at_least(1), help="compress the result to this rank by SVD, at most the sum of the "
+                   "ranks (default: exact concatenation, rank = the sum of the ranks)")
+    m.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, default="kohya",
                    help=FORMAT_HELP + " (default: %(default)s)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    save_precision(m)
     m.set_defaults(func=merge_command)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD")
     r.add_argument("input", help="adapter file to read")
     r.add_argument("output", help="adapter file to write")
-    r.add_argument("--rank", type=int, required=True, help="the new, lower rank")
+    r.add_argument("--rank", type=at_least(1), required=True, help="the new rank, from 1 to the file's rank")
     r.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    save_precision(r)
     r.set_defaults(func=resize_command)
 
     d = sub.add_parser("demo", help="teach the embedded model a new shape and show before/after")
     d.add_argument("--output", default="imglora-demo", help="folder for the dataset, adapter and images "
                    "(default: %(default)s)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the dataset and the training (default: %(default)s)")
-    d.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
+    d.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="seed of the dataset and the training "
+                   "(default: %(default)s)")
+    d.add_argument("--steps", type=at_least(1), help="training steps (default: the demo recipe's)")
     d.add_argument("--ui", action="store_true", help="then open the app with the new adapter")
-    d.add_argument("--port", type=int, default=7860, help="port of the app with --ui (default: %(default)s)")
+    d.add_argument("--port", type=at_least(1, 65535), default=7860, help="port of the app with --ui "
+                   "(default: %(default)s)")
     d.set_defaults(func=demo_command)
 
     u = sub.add_parser("ui", help="open the web app to blend and compare adapters")
     u.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
     u.add_argument("--adapters", default="adapters", help="folder of .safetensors adapters (default: ./adapters)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    u.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    u.add_argument("--port", type=at_least(1, 65535), default=7860, help="port to listen on (default: %(default)s)")
     u.add_argument("--auth", help="user:password required to open the app (default: none)")
     u.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     u.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    u.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload accepted "
+    u.add_argument("--max-upload-mb", type=at_least(1), default=512, help="largest adapter upload accepted "
                    "(default: %(default)s)")
     u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models "
                    "(default: ./%(default)s)")
@@ -253,8 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def save_precision(parser) -> None:
+    parser.add_argument("--save-precision", choices=SAVE_PRECISION.metadata["choices"], default=SAVE_PRECISION.default,
+                        help="tensor precision of the written file (default: %(default)s, as training saves)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or bad usage (already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
     if args.threads is not None and args.threads < 1:
         print("imglora: --threads must be at least 1", file=sys.stderr)
         return 2

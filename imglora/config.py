@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import MIN_IMAGE_SIDE
 from .errors import ImgloraError
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
                                              "with {folder} and {stem} (default: none: such images are skipped)")
     trigger: str | None = opt(None, "trigger word or prefix put in front of every caption (default: none)")
     max_bad: float = opt(0.1, "stop before training if more than this fraction of images is unusable")
-    min_image_side: int = opt(32, "images with a side shorter than this are skipped")
+    min_image_side: int = opt(MIN_IMAGE_SIDE, "images with a side shorter than this are skipped")
     val_count: int = opt(0, "held-out images for a deterministic validation loss")
     # output
     output: str = opt("output", "output folder")

@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import os
+import shlex
+
+
+def shown(path) -> str:
+    """A path (or name) as the CLIs print it: as it is, or repr-style ('a\\nb.png') when it holds a newline, a
+    terminal escape or another character that is not printable, so no file name can break or restyle a line."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def escaped(text: str) -> str:
+    """`text` with each unprintable character written as its escape (\\n, \\x1b): a message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def shell_word(path) -> str:
+    """A path as one word of a command to copy and paste (quoted where needed; repr-style if unprintable)."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return shlex.quote(text) if text.isprintable() else repr(text)
 
 
 class ImgloraError(Exception):
@@ -15,8 +34,8 @@ class ImgloraError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        text = f"{self.path}: {self.what}" if self.path else self.what
-        return f"{text} — {self.fix}" if self.fix else text
+        text = f"{shown(self.path)}: {escaped(self.what)}" if self.path else escaped(self.what)
+        return f"{text} — {escaped(self.fix)}" if self.fix else text
 
 
 def run_command(prog: str, func, args) -> int:

@@ -75,3 +75,11 @@ def fit_to_bucket(image: Image.Image, bucket, crop: str = "center", rng: random.
     if (rw, rh) != (bw, bh):
         image = image.crop((left, top, left + bw, top + bh))
     return image, (top, left), (h, w)
+
+
+def bucketer(resolution: int, step: int = 64, min_side: int | None = None, max_side: int | None = None,
+             no_upscale: bool = False):
+    """The trainer's bucket rule as one function, (width, height) -> bucket, for everything that must agree
+    with it (the trainer, `imglora-data stats` and `check`)."""
+    buckets = make_buckets(resolution, step, min_side, max_side)
+    return lambda width, height: assign_bucket(width, height, buckets, no_upscale=no_upscale, step=step)

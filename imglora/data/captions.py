@@ -11,13 +11,16 @@ import json
 import os
 import re
 import string
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ImgloraError
+from ..errors import ImgloraError, shown
 from .images import IMAGE_EXTENSIONS
 
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mychar" = 10 repeats of the concept "mychar"
+MAX_REPEATS = 1000  # above this a number is a year, a date or an index ("2024_photos"), not a repeat count
 METADATA = "metadata.jsonl"
 CAPTION_EXTENSIONS = (".txt", ".caption")
 
@@ -116,13 +119,47 @@ def metadata_captions(files: list[Path]) -> dict[Path, str]:
     return captions
 
 
+def repeat_folder(name: str) -> tuple[int | None, str | None]:
+    """kohya's `N_name` rule, where N is plausible: (N, None) for a repeat folder; (None, why not) for a name
+    that only looks like one ("2024_photos", "0_x"); (None, None) for any other name."""
+    m = REPEAT_DIR.match(name)
+    if not m:
+        return None, None
+    n = int(m[1])
+    if 1 <= n <= MAX_REPEATS:
+        return n, None
+    return None, f"{n} repeats is implausible; repeat folders have 1 to {MAX_REPEATS}"
+
+
 def concept(folder: Path, root: Path) -> tuple[str, int]:
     """(folder name without a kohya N_ prefix, repeats) of the nearest repeat folder, else (name, 1)."""
     for part in reversed(folder.relative_to(root.parent).parts):
-        m = REPEAT_DIR.match(part)
-        if m:
-            return m[2].replace("_", " "), int(m[1])
+        repeats, _ = repeat_folder(part)
+        if repeats:
+            return REPEAT_DIR.match(part)[2].replace("_", " "), repeats
     return folder.name.replace("_", " "), 1
+
+
+def folder_notes(root, found: Walk, skipped: bool = True) -> list[str]:
+    """What was decided about the folders: each `N_name` folder holding images read as N repeats or not
+    (and why), and (with `skipped`) each folder that was skipped (unreadable, a symlink loop), one line each."""
+    root = Path(root)
+    folders = {root}
+    for image in found.images:
+        folders.update(p for p in image.parents if p == root or root in p.parents)
+    notes = []
+    for folder in sorted(folders, key=lambda p: p.parts):
+        repeats, why = repeat_folder(folder.name)
+        if repeats:
+            notes.append(f"folder {shown(folder)}: {repeats} repeat{'s' if repeats > 1 else ''}")
+        elif why:
+            notes.append(f"folder {shown(folder)}: not a repeat folder ({why}); its images count once")
+    notes += [f"folder {shown(p)}: skipped, {why}" for p, why in found.skipped] if skipped else []
+    return notes
+
+
+def print_note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
 
 
 def check_fallback(rule: str | None) -> None:
@@ -167,11 +204,14 @@ def sidecar(image: Path, caption_extensions=CAPTION_EXTENSIONS) -> Path | None:
 
 
 def collect_items(root, caption_extensions=CAPTION_EXTENSIONS, fallback: str | None = None,
-                  prefix: str | None = None) -> list[Item]:
-    """Every image under `root` with its caption and repeats, in a fixed (sorted) order."""
+                  prefix: str | None = None, log: Callable[[str], None] | None = print_note) -> list[Item]:
+    """Every image under `root` with its caption and repeats, in a fixed (sorted) order. `log` gets
+    folder_notes (repeat folders and skipped folders); None: silent."""
     root = Path(root)
     check_fallback(fallback)
     found = walk(root)
+    for note in folder_notes(root, found) if log else []:
+        log(note)
     jsonl = metadata_captions(found.metadata)
     items = []
     for image in found.images:

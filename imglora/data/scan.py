@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import ImgloraError
 from .captions import Item
+from . import MIN_IMAGE_SIDE
 from .images import ImageInfo, decode_error, info_of, opened
 
 
@@ -92,7 +93,8 @@ def parallel_map(fn, items: list, workers: int | None, desc: str, progress: bool
     return out
 
 
-def scan_items(items: list[Item], min_side: int = 64, workers: int | None = None, progress: bool = True) -> ScanResult:
+def scan_items(items: list[Item], min_side: int = MIN_IMAGE_SIDE, workers: int | None = None,
+               progress: bool = True) -> ScanResult:
     """Split items into usable ones and problems (one per bad file, with the reason and the fix)."""
     ok, problems, infos = [], [], {}
     results = parallel_map(lambda it: check_item(it, min_side), items, workers, "scanning images", progress)

@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 
+from ..errors import escaped, shown
 from ..lora.state import split_component
 from .clients import client_misses
 from .files import read_header
@@ -14,6 +15,16 @@ from .lora_file import load_adapter
 
 JSON_KEYS = ("ss_tag_frequency", "ss_datasets", "ss_network_args", "imglora.config", "lora_adapter_metadata",
              "imglora.merged_from", "ss_dataset_dirs")
+
+
+# What a format is called where people read it. load_adapter's own names stay as they were ("peft" is the
+# diffusers-PEFT format imglora writes with --to diffusers; "diffusers" is the example scripts' older keys).
+FORMAT_NAMES = {"peft": "diffusers", "diffusers": "diffusers-script"}
+
+
+def format_name(fmt: str) -> str:
+    """load_adapter's format name as shown to people: kohya, diffusers, diffusers-script, attn-procs, comfyui."""
+    return FORMAT_NAMES.get(fmt, fmt)
 
 
 CONTAINERS = {"transformer_blocks", "attentions", "resnets", "downsamplers", "upsamplers", "layers", "mid_block"}
@@ -45,11 +56,11 @@ def describe(path: str | os.PathLike) -> dict:
         keys = list(read_header(path)[0])
         warnings += [f"A1111/ComfyUI would ignore {line}" for line in client_misses(keys, adapter.arch)]
     elif fmt != "comfyui":
-        warnings.append(f"a diffusers-style ({fmt}) file: ComfyUI ignores its UNet attention keys and A1111 reads "
-                        "none of it; share the kohya format (imglora convert --to kohya)")
+        warnings.append(f"a diffusers-style ({format_name(fmt)}) file: ComfyUI ignores its UNet attention keys and "
+                        "A1111 reads none of it; share the kohya format (imglora convert --to kohya)")
     return {
         "file": os.fspath(path),
-        "format": fmt,
+        "format": format_name(fmt),
         "base_model": adapter.arch,
         "base_model_name": ARCH_NAMES.get(adapter.arch, adapter.arch),
         "modules": len(adapter.modules),
@@ -67,7 +78,7 @@ def render(info: dict) -> str:
         return ", ".join(f"{k} ({v} modules)" if len(c) > 1 else str(k) for k, v in c.items())
 
     lines = [
-        f"file:        {info['file']}",
+        f"file:        {shown(info['file'])}",
         f"format:      {info['format']}",
         f"base model:  {info['base_model_name']}",
         f"modules:     {info['modules']} ({info['parameters']:,} parameters)",
@@ -81,6 +92,6 @@ def render(info: dict) -> str:
         lines.append("metadata:")
         for k, v in info["metadata"].items():
             text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-            lines.append(f"  {k}: {text if len(text) <= 300 else text[:300] + '…'}")
+            lines.append(f"  {escaped(k)}: {escaped(text if len(text) <= 300 else text[:300] + '…')}")
     lines += [f"warning: {w}" for w in info["warnings"]]
     return "\n".join(lines)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..lora.state import Adapter
+from ..lora.state import Adapter, LoraModule
 
 ARCH_INFO = {
     # arch: (ss_base_model_version, modelspec.architecture, implementation, resolution)
@@ -27,23 +28,11 @@ def build_metadata(adapter: Adapter, arch: str, name: str, prediction: str = "ep
                    config: dict | None = None, extra: dict | None = None) -> dict[str, str]:
     """The ss_* minimum set and useful extras, modelspec.*, and the training config as JSON; all strings."""
     base_version, spec_arch, impl, default_res = ARCH_INFO.get(arch_key(arch, prediction), ARCH_INFO["sd1"])
-    ranks = adapter.ranks()
-    conv = [m for m in adapter.modules.values() if m.A.dim() == 4 and m.A.shape[-1] > 1]
-    linear = [m for m in adapter.modules.values() if m not in conv]
-    rank = max(ranks, key=ranks.get) if ranks else 0
-    network_args = {}
-    if conv:
-        network_args = {"conv_dim": str(conv[0].rank), "conv_alpha": str(conv[0].alpha)}
-    ref = linear or conv
-    uniform_alpha = len({m.alpha for m in ref}) == 1
     res = f"{resolution}x{resolution}" if resolution else default_res
     meta = {
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": base_version,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ref[0].rank if ref and len({m.rank for m in ref}) == 1 else rank),
-        "ss_network_alpha": str(ref[0].alpha) if ref and uniform_alpha else "Dynamic",
-        "ss_network_args": json.dumps(network_args),
+        **network_fields(adapter),
         "ss_output_name": name,
         "ss_resolution": f"({resolution}, {resolution})" if resolution else "",
         "ss_training_comment": "made with imglora",
@@ -60,6 +49,47 @@ def build_metadata(adapter: Adapter, arch: str, name: str, prediction: str = "ep
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def _dim_alpha(modules: list) -> tuple[int | str, str]:
+    """(the rank most of `modules` have, their alpha or "Dynamic" when it differs)."""
+    rank = Counter(getattr(m, "rank", None) or "full" for m in modules).most_common(1)[0][0]
+    alphas = {getattr(m, "alpha", None) for m in modules}
+    alpha = alphas.pop() if len(alphas) == 1 else "Dynamic"
+    return rank, str(alpha if alpha is not None else 1.0)
+
+
+def _spatial(m) -> bool:
+    """A LoRA module of a k×k convolution (k > 1): LoCon's conv_dim/conv_alpha describe these."""
+    return isinstance(m, LoraModule) and m.A.dim() == 4 and (m.A.shape[-1] > 1 or m.mid is not None)
+
+
+def network_fields(adapter: Adapter) -> dict[str, str]:
+    """ss_network_module, ss_network_dim, ss_network_alpha and ss_network_args as the tensors have them (a
+    file never states a rank its tensors do not have): networks.lora for plain LoRA/LoCon; lycoris.kohya
+    with algo (and dora_wd) for the other kinds, as LyCORIS writes them."""
+    modules = list(adapter.modules.values())
+    conv = [m for m in modules if _spatial(m)]
+    linear = [m for m in modules if not _spatial(m)]
+    args = {}
+    if conv:
+        conv_dim, conv_alpha = _dim_alpha(conv)
+        args = {"conv_dim": str(conv_dim), "conv_alpha": conv_alpha}
+    ref = linear or conv
+    dim, alpha = _dim_alpha(ref) if ref else (0, "Dynamic")
+    kinds = {m.kind for m in modules}
+    dora = any(getattr(m, "dora_scale", None) is not None for m in modules)
+    module = "networks.lora"
+    if kinds - {"lora"} or dora or any(getattr(m, "mid", None) is not None for m in modules):
+        module = "lycoris.kohya"
+        algo = kinds.pop() if len(kinds) == 1 else "mixed"
+        args = {**args, "algo": "locon" if algo == "lora" else algo}
+        if dora:
+            args["dora_wd"] = "True"
+        if not conv and algo != "lora":  # LyCORIS records the conv dims whatever they cover
+            args.update(conv_dim=str(dim), conv_alpha=alpha)
+    return {"ss_network_module": module, "ss_network_dim": str(dim), "ss_network_alpha": alpha,
+            "ss_network_args": json.dumps(args)}
 
 
 def training_metadata(cfg, model_name: str, examples: list[tuple], step: int, epoch: int, started: str) -> dict:
@@ -85,9 +115,16 @@ def training_metadata(cfg, model_name: str, examples: list[tuple], step: int, ep
     return extra
 
 
-def resized_metadata(metadata: dict[str, str], rank: int) -> dict[str, str]:
-    """A file's metadata after its rank was changed to `rank` (alpha = rank, scale 1 kept in the tensors)."""
-    return {**metadata, "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank))}
+def resized_metadata(metadata: dict[str, str], adapter: Adapter) -> dict[str, str]:
+    """A file's metadata after its rank was changed: ss_network_dim/alpha and the conv_dim/conv_alpha of
+    ss_network_args from the new tensors (alpha = rank, the scale is in the tensors); other network args kept."""
+    fields = network_fields(adapter)
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    args = {k: v for k, v in (args if isinstance(args, dict) else {}).items() if k not in ("conv_dim", "conv_alpha")}
+    return {**metadata, **fields, "ss_network_args": json.dumps({**args, **json.loads(fields["ss_network_args"])})}
 
 
 def arch_from_metadata(metadata: dict[str, str]) -> str | None:

@@ -21,6 +21,20 @@ class Energy:
         return f"retained energy {self.kept:.2%} overall, {self.worst:.2%} worst ({self.worst_module})"
 
 
+def not_plain_lora(adapter: Adapter) -> str | None:
+    """Why merge and resize cannot take this adapter (None: they can): they work on B·A, so only plain
+    LoRA/LoCon modules; LoHa, LoKr, full deltas, DoRA magnitudes and Tucker cores have other forms."""
+    for key, m in adapter.modules.items():
+        kind = getattr(m, "kind", "lora")
+        if getattr(m, "dora_scale", None) is not None:
+            kind += "+dora"
+        elif kind == "lora" and getattr(m, "mid", None) is not None:
+            kind = "lora with a Tucker core"
+        if kind != "lora":
+            return f"module {key} is {kind}"
+    return None
+
+
 def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The best rank-`rank` factors of B·A (Eckart-Young), without forming B·A.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import TrainConfig
+from ..errors import shell_word, shown
 from .shapes import BASE_SHAPES, COLOURS, synth_shapes
 from ..generate import GenerateArgs, generate, image_grid, save_png
 from ..lora.adapters import Adapters
@@ -113,12 +114,28 @@ def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD,
                       row_labels=[r[0].split(" on ")[0][2:] for r in rows])
     grid_path = save_png(grid, out / "before-after.png", "imglora demo: rows are prompts; before | after",
                          overwrite=True)
-    result = {"adapter": str(path), "grid": str(grid_path), "concept_before": concept_before,
-              "concept_after": concept_after, "base_before": base_before, "base_after": base_after,
-              "base_change": base_after - base_before, "seconds": time.perf_counter() - t0}
-    log(f"adapter: {path}\nbefore/after: {grid_path}")
+    result = {"adapter": str(path), "grid": str(grid_path), "logs": str(out / "logs"),
+              "concept_before": concept_before, "concept_after": concept_after, "base_before": base_before,
+              "base_after": base_after, "base_change": base_after - base_before, "seconds": time.perf_counter() - t0}
     log(f"base prompts: accuracy {base_before:.2f} before, {base_after:.2f} after; took {result['seconds']:.0f} s")
     return result
+
+
+def next_steps(r: dict, output: str, opening_ui: bool = False) -> str:
+    """Where the demo's results are and the commands that open them (paths quoted for the shell)."""
+    rerun = "imglora demo --ui" + ("" if output == "imglora-demo" else f" --output {shell_word(output)}")
+    commands = [(f"imglora ui --adapters {shell_word(output)}", "the app, with the adapter ready to blend"),
+                (f"tensorboard --logdir {shell_word(r['logs'])}", "the training curves"),
+                (rerun, "train again, then open the app")]
+    width = max(len(c) for c, _ in commands)
+    lines = [f"before/after image: {shown(r['grid'])}",
+             f"adapter:            {shown(r['adapter'])}",
+             f"training logs:      {shown(r['logs'])}",
+             "to look at them:"]
+    lines += [f"  {c:<{width}}  # {why}" for c, why in commands]
+    if opening_ui:
+        lines.append("opening the app now ...")
+    return "\n".join(lines)
 
 
 def summary_line(r: dict) -> str:

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.buckets import assign_bucket, fit_to_bucket, make_buckets
+from ..data.buckets import bucketer, fit_to_bucket
 from ..data.captions import collect_items
 from ..data.images import load_image
 from ..data.scan import scan_items
-from ..errors import ImgloraError
+from ..errors import ImgloraError, escaped, shown
 from ..formats.files import read_safetensors, write_safetensors
 
 
@@ -69,36 +69,35 @@ class TrainData:
 def build_data(cfg, resolution: int, log=print) -> TrainData:
     """Collect, scan and bucket the training (and regularisation) folders; report skipped files."""
     items = []
-    for folder, weight in ((cfg.data, 1.0), (cfg.reg_data, cfg.prior_loss_weight)):
+    for folder, weight, is_reg in ((cfg.data, 1.0, False), (cfg.reg_data, cfg.prior_loss_weight, True)):
         if not folder:
             continue
         if not Path(folder).is_dir():
             raise ImgloraError("no such data folder", "pass a folder of images with captions", path=folder)
         exts = tuple(dict.fromkeys((cfg.caption_extension, ".txt", ".caption")))
+        # The trigger word belongs to the concept: regularisation captions never get it.
         found = collect_items(folder, caption_extensions=exts, fallback=cfg.caption_fallback,
-                              prefix=cfg.trigger if weight == 1.0 else None)
-        items += [(it, weight) for it in found]
+                              prefix=None if is_reg else cfg.trigger, log=log)
+        items += [(it, weight, is_reg) for it in found]
     if not items:
         raise ImgloraError("no images found", "put .png/.jpg/.webp images (with .txt captions) in it", path=cfg.data)
-    scan = scan_items([it for it, _ in items], min_side=cfg.min_image_side, workers=cfg.workers)
+    scan = scan_items([it for it, *_ in items], min_side=cfg.min_image_side, workers=cfg.workers)
     ok = {it.image for it in scan.ok}
     problems = [(p.path, p.reason) for p in scan.problems]
     for path, reason in problems:
-        log(f"skipped {path}: {reason}")
-    bad_fraction = len(problems) / max(1, len({it.image for it, _ in items}))
+        log(f"skipped {shown(path)}: {escaped(reason)}")
+    bad_fraction = len(problems) / max(1, len({it.image for it, *_ in items}))
     if problems and bad_fraction > cfg.max_bad:
         listing = "; ".join(f"{p}: {r}" for p, r in problems[:20])
         raise ImgloraError(f"{len(problems)} of the images are unusable ({bad_fraction:.0%} > --max-bad "
                            f"{cfg.max_bad:.0%}): {listing}", "fix or remove them, or raise --max-bad", path=cfg.data)
-    buckets = make_buckets(resolution, cfg.bucket_step, cfg.min_bucket, cfg.max_bucket)
+    bucket_of = bucketer(resolution, cfg.bucket_step, cfg.min_bucket, cfg.max_bucket, no_upscale=cfg.no_upscale)
     examples, seen = [], set()
-    for it, weight in items:
+    for it, weight, is_reg in items:
         if it.image not in ok:
             continue
-        w, h = scan.infos[it.image].size
-        bucket = assign_bucket(w, h, buckets, no_upscale=cfg.no_upscale, step=cfg.bucket_step)
-        example = Example(it.image, it.caption or "", bucket, weight)
-        if weight == 1.0 and it.image not in seen:
+        example = Example(it.image, it.caption or "", bucket_of(*scan.infos[it.image].size), weight)
+        if not is_reg:  # validation images are held out of the training data only
             seen.add(it.image)
         examples += [example] * max(1, it.repeats)
     val = []

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import FIELDS, TrainConfig, to_dict
-from ..errors import ImgloraError
+from ..errors import ImgloraError, shell_word
 from ..formats.files import atomic_write, clean_temp_files
 from ..formats.lora_file import load_adapter, save_adapter
 from ..formats.metadata import build_metadata, training_metadata
@@ -105,7 +104,7 @@ class Trainer:
             self.lock.acquire()
             clean_temp_files(self.out)
             ckpt.clean_partial(self.ckpt_root)
-        self.log = RunLog(self.out / "logs", self.main)
+        self.log = RunLog(self.out / "logs", self.main, resume=bool(cfg.resume))
         self._make_adapter()
         self._fill_caches()
         self._make_optimizer()
@@ -473,7 +472,7 @@ def resume_command() -> str:
     if "--resume" in argv:
         i = argv.index("--resume")
         del argv[i:i + 2]
-    return " ".join(shlex.quote(a) for a in ["imglora", *argv[1:], "--resume", "latest"])
+    return " ".join(shell_word(a) for a in ["imglora", *argv[1:], "--resume", "latest"])
 
 
 def check_output(out: Path, cfg: TrainConfig) -> None:

@@ -16,13 +16,19 @@ from ..lora.state import Blend
 
 
 class RunLog:
-    """Metrics to a JSONL file and TensorBoard event files (main process only)."""
+    """Metrics to a JSONL file and TensorBoard event files (main process only).
 
-    def __init__(self, folder: Path, enabled: bool):
+    Each run has logs of its own: a new run first moves the previous run's `train.jsonl` and `tensorboard/`
+    aside as `train-<time>.jsonl` and `tensorboard-<time>/` (the time they were last written), so
+    `tensorboard --logdir OUTPUT/logs` shows the runs side by side; a resumed run (`resume`) continues them."""
+
+    def __init__(self, folder: Path, enabled: bool, resume: bool = False):
         self.enabled = enabled
         self.writer = None
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.rotate(folder)
             self.jsonl = open(folder / "train.jsonl", "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -30,6 +36,22 @@ class RunLog:
                 self.writer = SummaryWriter(str(folder / "tensorboard"))
             except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
                 self.writer = None
+
+    @staticmethod
+    def rotate(folder: Path) -> list[Path]:
+        """Move the previous run's logs aside; returns their new names."""
+        old = [p for p in (folder / "train.jsonl", folder / "tensorboard") if p.exists()]
+        if not old:
+            return []
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in old)))
+        for n in range(1000):
+            tag = stamp if n == 0 else f"{stamp}-{n}"
+            moved = [p.with_name(f"{p.stem}-{tag}{p.suffix}") for p in old]
+            if not any(m.exists() for m in moved):
+                break
+        for p, m in zip(old, moved):
+            p.rename(m)
+        return moved
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:

@@ -78,7 +78,7 @@ def planted(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     put("rotated.jpg", shape("orange", (128, 96), seed=11), "EXIF rotation", exif=exif)
-    put("tiny.png", shape("yellow", (32, 32), seed=12), "too small (32x32, under 64 px)")
+    put("tiny.png", shape("yellow", (24, 24), seed=12), "too small (24x24, under 32 px)")
     put("wide.png", shape("red", (512, 64), seed=13), "extreme aspect ratio")
     put("pngdata.jpg", shape("green", seed=20), "PNG data in a .jpg file", format="PNG")
     put("nocaption.png", shape("blue", seed=14), "missing caption", caption=None)
@@ -147,9 +147,9 @@ def test_every_planted_problem_is_reported_once_and_nothing_changes(tmp_path, ca
 
 def test_check_and_the_trainers_scan_agree_on_what_is_unusable(tmp_path):
     d, _ = planted(tmp_path)
-    report = check_folder(d, min_side=64, progress=False)
+    report = check_folder(d, progress=False)  # both with the one default minimum side
     errors = {Path(f.path).with_suffix("") for f in report.findings if f.severity == "error" and f.kind != "folder"}
-    scan = scan_items(collect_items(d), min_side=64, progress=False)
+    scan = scan_items(collect_items(d, log=None), progress=False)
     assert errors == {p.path.with_suffix("") for p in scan.problems}
 
 

@@ -76,3 +76,57 @@ def test_grid_of_blends_equals_single_generations(model_and_loras):
         adapters.set_weight("b", blend.get("b", 0.0))
         alone = generate(model, GenerateArgs(**args), adapters)[0]
         assert np.abs(np.asarray(image).astype(int) - np.asarray(alone).astype(int)).max() <= 1
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    import imglora.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(imglora.pipeline, "load_model", refuse)
+
+
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imglora: ") and all(w in err[0] for w in words), err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--width", "30"], ("--width: 30 is not a positive multiple of 8", "use e.g. 24")),
+    (["--height", "0"], ("--height: 0 is not a positive multiple of 8",)),
+    (["--width", "-64"], ("--width: -64",)),
+    (["--width", "wide"], ("--width: 'wide' is not a whole number",)),
+    (["--batch", "0"], ("--batch: 0 is out of range",)),
+    (["--steps", "0"], ("--steps: 0 is below 1",)),
+    (["--steps", "-5"], ("--steps: -5 is below 1",)),
+    (["--guidance", "nan"], ("--guidance: nan is not a finite number",)),
+    (["--guidance", "inf"], ("--guidance: inf is not a finite number",)),
+    (["--seed", "-1"], ("--seed: -1 is out of range",)),
+    (["--lora", "x.safetensors:nan"], ("'x.safetensors:nan': the weight must be a number from -100 to 100, not nan",)),
+    (["--lora", "x.safetensors:inf"], ("not inf",)),
+    (["--lora", "x.safetensors:-inf"], ("not -inf",)),
+    (["--lora", "x.safetensors:1e30"], ("not 1e+30",)),
+    (["--lora", "x.safetensors:-101"], ("not -101",)),
+])
+def test_every_number_is_checked_before_the_model_loads(model_never_loads, tmp_path, capsys, flags, words):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--prompt", "a red circle", "--out", str(out), *flags]) == 2
+    _one_line(capsys, *words)
+    assert not out.exists()
+
+
+def test_a_missing_adapter_or_an_existing_output_is_refused_before_anything_renders(model_never_loads, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--prompt", "a", "--lora", f"{tmp_path / 'gone.safetensors'}:0.5", "--out", str(out)]) == 2
+    _one_line(capsys, "gone.safetensors: cannot read")
+    out.write_bytes(b"my picture")
+    assert main(["generate", "--prompt", "a", "--out", str(out)]) == 2
+    _one_line(capsys, "x.png: already exists", "nothing was rendered", "--overwrite")
+    assert out.read_bytes() == b"my picture"
+    (tmp_path / "b-1.png").write_bytes(b"second of a batch")
+    assert main(["generate", "--prompt", "a", "--out", str(tmp_path / "b.png"), "--batch", "3"]) == 2
+    _one_line(capsys, "b-1.png: already exists")
+    assert not (tmp_path / "b-0.png").exists()

@@ -26,8 +26,10 @@ def test_kohya_diffusers_kohya_round_trip_preserves_every_delta(make_pipe, tmp_p
     adapter = random_adapter(make_pipe, kind)
     first = tmp_path / "first.safetensors"
     save_adapter(first, adapter, metadata={"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"})
-    assert main(["convert", str(first), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
-    assert main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "back.safetensors"), "--to", "kohya"]) == 0
+    fp32 = ["--save-precision", "fp32"]
+    assert main(["convert", str(first), str(tmp_path / "d.safetensors"), "--to", "diffusers", *fp32]) == 0
+    assert main(["convert", str(tmp_path / "d.safetensors"), str(tmp_path / "back.safetensors"), "--to", "kohya",
+                 *fp32]) == 0
     a, b = load_file(first), load_file(tmp_path / "back.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("lora_down.weight"))
@@ -146,3 +148,138 @@ def test_conv_module_delta_matches_the_two_convolutions():
     x = torch.randn(1, 5, 8, 8, generator=g)
     two_step = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, m.A, padding=1), m.B) * m.scale
     assert torch.allclose(torch.nn.functional.conv2d(x, m.delta(), padding=1), two_step, atol=1e-4)
+
+
+# -- honest files: ranks the tensors have, the precision asked for, the format's name ---------------------
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imglora: ") and all(w in err[0] for w in words), err
+    assert "Traceback" not in err[0]
+
+
+def _dtypes(path) -> set[str]:
+    from imglora.formats.files import read_header
+
+    return {info["dtype"] for info in read_header(path)[0].values()}
+
+
+def test_resize_above_the_files_rank_is_refused_and_writes_nothing(make_pipe, tmp_path, capsys):
+    src = save_adapter(tmp_path / "src.safetensors", random_adapter(make_pipe))  # rank 4 (conv 2)
+    for rank in ("5", "64"):
+        assert main(["resize", str(src), str(tmp_path / "big.safetensors"), "--rank", rank]) == 2
+        _one_line(capsys, "src.safetensors", f"--rank {rank} is above the file's rank 4", "choose 1 to 4")
+    for rank in ("0", "-3", "two"):
+        assert main(["resize", str(src), str(tmp_path / "big.safetensors"), "--rank", rank]) == 2
+        _one_line(capsys, "--rank")
+    assert not (tmp_path / "big.safetensors").exists()
+    assert main(["resize", str(src), str(tmp_path / "same.safetensors"), "--rank", "4"]) == 0  # the file's own rank
+
+
+def test_resize_metadata_states_the_ranks_the_tensors_have(make_pipe, tmp_path, capsys):
+    from imglora.formats.metadata import build_metadata
+
+    adapter = random_adapter(make_pipe)  # linear rank 4 alpha 2, 3x3 conv rank 2 alpha 3
+    meta = build_metadata(adapter, "sd1", "src")
+    args = json.loads(meta["ss_network_args"])
+    assert args == {"conv_dim": "2", "conv_alpha": "3.0"} and meta["ss_network_dim"] == "4"
+    meta["ss_network_args"] = json.dumps({**args, "dropout": "0.1"})  # another tool's argument is kept
+    src = save_adapter(tmp_path / "src.safetensors", adapter, metadata=meta)
+    out = tmp_path / "small.safetensors"
+    assert main(["resize", str(src), str(out), "--rank", "3"]) == 0
+    assert "rank 2/3" in capsys.readouterr().out  # the 3x3 convolutions keep their rank 2
+    small, _ = load_adapter(out)
+    conv = {m.rank for m in small.modules.values() if m.A.dim() == 4 and m.A.shape[-1] > 1}
+    linear = {m.rank for m in small.modules.values() if not (m.A.dim() == 4 and m.A.shape[-1] > 1)}
+    assert conv == {2} and linear == {3}
+    assert small.metadata["ss_network_dim"] == "3" and small.metadata["ss_network_alpha"] == "3.0"
+    assert json.loads(small.metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0", "dropout": "0.1"}
+    assert all(m.alpha == m.rank for m in small.modules.values())  # the scale is in the tensors
+
+
+def test_merge_rank_is_checked(make_pipe, tmp_path, capsys):
+    for i in range(2):
+        save_adapter(tmp_path / f"s{i}.safetensors", random_adapter(make_pipe, seed=i))
+    inputs = [f"{tmp_path}/s0.safetensors:0.5", f"{tmp_path}/s1.safetensors:0.5"]
+    assert main(["merge", str(tmp_path / "m.safetensors"), *inputs, "--rank", "9"]) == 2  # 4 + 4 = 8
+    _one_line(capsys, "--rank 9 is above the merged rank 8", "leave --rank out")
+    assert main(["merge", str(tmp_path / "m.safetensors"), *inputs, "--rank", "0"]) == 2
+    _one_line(capsys, "--rank: 0 is below 1")
+    for weight in ("nan", "inf", "-inf", "1e30", "101"):
+        assert main(["merge", str(tmp_path / "m.safetensors"), inputs[0], f"{tmp_path}/s1.safetensors:{weight}"]) == 2
+        _one_line(capsys, "the weight must be a number from -100 to 100")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["merge", str(tmp_path / "m.safetensors"), *inputs, "--rank", "8"]) == 0
+
+
+@pytest.mark.parametrize("command", ["convert", "merge", "resize"])
+def test_save_precision_defaults_to_trainings_fp16(make_pipe, tmp_path, command):
+    src = save_adapter(tmp_path / "src.safetensors", random_adapter(make_pipe))
+    assert _dtypes(src) == {"F32"}
+
+    def run(out, *flags):
+        argv = {"convert": ["convert", str(src), str(out), "--to", "kohya"],
+                "merge": ["merge", str(out), f"{src}:0.5"],
+                "resize": ["resize", str(src), str(out), "--rank", "2"]}[command]
+        assert main([*argv, *flags]) == 0
+        return _dtypes(out)
+
+    assert run(tmp_path / "default.safetensors") == {"F16"}
+    for precision, dtype in (("fp32", "F32"), ("bf16", "BF16"), ("fp16", "F16")):
+        assert run(tmp_path / f"{precision}.safetensors", "--save-precision", precision) == {dtype}
+    # The values are the source's, rounded to the precision asked for.
+    a, b = load_adapter(src)[0], load_adapter(tmp_path / "fp32.safetensors")[0]
+    for key in a.modules if command == "convert" else []:
+        assert torch.equal(a.modules[key].A, b.modules[key].A)
+
+
+def test_inspect_calls_a_diffusers_file_diffusers(make_pipe, tmp_path, capsys):
+    src = save_adapter(tmp_path / "k.safetensors", random_adapter(make_pipe, preset="cross-attn"))
+    # `--to peft`, the old name, still works and writes the same diffusers file.
+    for i, to in enumerate(("diffusers", "peft")):
+        out_file = tmp_path / f"d{i}.safetensors"
+        assert main(["convert", str(src), str(out_file), "--to", to]) == 0
+        assert "(kohya) -> " in capsys.readouterr().out
+        assert main(["inspect", str(out_file)]) == 0
+        out = capsys.readouterr().out
+        assert "format:      diffusers\n" in out and "peft" not in out.split("metadata:")[0]
+        assert main(["inspect", "--json", str(out_file)]) == 0
+        assert json.loads(capsys.readouterr().out)["format"] == "diffusers"
+    assert load_file(tmp_path / "d0.safetensors").keys() == load_file(tmp_path / "d1.safetensors").keys()
+    assert load_adapter(tmp_path / "d1.safetensors")[1] == "peft"  # the loader's own name is unchanged
+    assert main(["convert", str(tmp_path / "d1.safetensors"), str(tmp_path / "k2.safetensors"), "--to", "kohya"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'd1.safetensors'} (diffusers) -> ")
+
+
+def test_outputs_are_refused_before_the_inputs_are_read(make_pipe, tmp_path, capsys):
+    src = save_adapter(tmp_path / "src.safetensors", random_adapter(make_pipe))
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"mine")
+    for argv in (["convert", str(src), str(taken), "--to", "kohya"], ["merge", str(taken), str(src)],
+                 ["resize", str(src), str(taken), "--rank", "2"], ["resize", "missing.safetensors", str(taken),
+                                                                   "--rank", "2"]):
+        assert main(argv) == 2
+        _one_line(capsys, "taken.safetensors: already exists", "--overwrite")
+        assert taken.read_bytes() == b"mine"
+
+
+def test_values_too_large_for_fp16_are_refused_with_the_way_out(make_pipe, tmp_path, capsys):
+    big = helpers.random_adapter(make_pipe("sd1"), "cross-attn", arch="sd1", scale=1e5)
+    src = save_adapter(tmp_path / "big.safetensors", big)
+    assert main(["convert", str(src), str(tmp_path / "half.safetensors"), "--to", "kohya"]) == 2
+    _one_line(capsys, "half.safetensors: values up to", "do not fit in fp16", "--save-precision fp32 or bf16")
+    assert not (tmp_path / "half.safetensors").exists()
+    assert main(["convert", str(src), str(tmp_path / "bf16.safetensors"), "--to", "kohya", "--save-precision",
+                 "bf16"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_merge_and_resize_refuse_kinds_they_cannot_compute(make_pipe, tmp_path, capsys, kind):
+    src = save_adapter(tmp_path / f"{kind}.safetensors",
+                       helpers.random_adapter(make_pipe("sd1"), "cross-attn", arch="sd1", kind=kind, scale=0.1))
+    capsys.readouterr()  # what saving it said
+    for argv in (["resize", str(src), str(tmp_path / "r.safetensors"), "--rank", "2"],
+                 ["merge", str(tmp_path / "m.safetensors"), f"{src}:0.5"]):
+        assert main(argv) == 2
+        _one_line(capsys, f"{kind}.safetensors: merge and resize work on LoRA/LoCon modules, and module ",
+                  "dora" if kind == "dora" else f"is {kind}")
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
