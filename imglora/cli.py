@@ -109,7 +109,7 @@ def generate_command(args) -> None:
     outputs = _output_names(args.out, args.batch, args.overwrite)
     for path, _ in args.lora:
         read_header(path)  # exists and is a whole safetensors file
-    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype))
+    model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype), config=args.model_config)
     adapters = Adapters(model.pipe)
     weights = {}
     for path, weight in args.lora:
@@ -161,8 +161,8 @@ def _plain(adapter, path):
 
     why = not_plain_lora(adapter)
     if why:
-        raise ImgloraError(f"merge and resize work on LoRA/LoCon modules, and {why}",
-                           "use the file as it is (generate and the app blend every kind)", path=path)
+        raise ImgloraError(f"resize works on LoRA/LoCon modules, and {why}",
+                           "make it a plain LoRA first: imglora convert IN OUT --to lora --rank N", path=path)
     return adapter
 
 
@@ -185,6 +185,20 @@ def _save_dtype(adapter, precision: str, path: str):
     return dtype
 
 
+def _model_weights(args, adapters_of: list, path: str):
+    """The weights of --model (default: the embedded model) under these adapters' modules, after checking
+    that the adapters were made for it: DoRA's ΔW depends on them and LoHa/LoKr store conv kernels flat."""
+    from .formats.detect import check_arch
+    from .ops.extract import weights_of
+    from .pipeline import load_model
+
+    model = load_model(args.model, config=args.model_config)
+    for adapter in adapters_of:
+        check_arch(adapter.arch, model.arch, path)
+    keys = {k for a in adapters_of for k in a.modules}
+    return weights_of(model.pipe, keys)
+
+
 def convert_command(args) -> None:
     from .formats.inspect import format_name
     from .formats.lora_file import load_adapter, save_adapter
@@ -193,6 +207,25 @@ def convert_command(args) -> None:
     adapter, fmt = load_adapter(args.input)
     if args.arch:
         adapter.arch = args.arch
+    if args.to == "lora":
+        from .formats.metadata import build_metadata
+        from .ops.extract import to_lora
+
+        if args.rank is None:
+            raise ImgloraError("--to lora needs --rank N", "pass the rank of the plain LoRA to write")
+        try:
+            lora, energy, notes = to_lora(adapter, args.rank, _model_weights(args, [adapter], args.input), progress=True)
+        except ValueError as e:
+            raise ImgloraError(str(e), "pass the --model the adapter was made for", path=args.input) from None
+        for note in notes:
+            print(f"imglora: note: {note}", file=sys.stderr)
+        meta = build_metadata(lora, lora.arch, Path(args.output).stem,
+                              extra={"imglora.converted_from": os.path.basename(args.input)})
+        save_adapter(args.output, lora, metadata=meta, overwrite=args.overwrite,
+                     dtype=_save_dtype(lora, args.save_precision, args.output))
+        print(f"{shown(args.input)} ({format_name(fmt)}, {', '.join(sorted(adapter.kinds()))}) -> {shown(args.output)} "
+              f"(plain LoRA, kohya, rank {_ranks(lora)}, {args.save_precision}), {energy.line()}")
+        return
     save_adapter(args.output, adapter, fmt=args.to, overwrite=args.overwrite,
                  dtype=_save_dtype(adapter, args.save_precision, args.output))
     print(f"{shown(args.input)} ({format_name(fmt)}) -> {shown(args.output)} ({args.to}, {len(adapter.modules)} "
@@ -205,12 +238,23 @@ def merge_command(args) -> None:
     from .ops.merge import concatenate
     from .ops.resize import resize
 
+    from .ops.merge import merge_kinds
+    from .ops.resize import not_plain_lora
+
     _refuse_existing(args.output, args.overwrite)
-    parts = [(_plain(load_adapter(p)[0], p), w) for p, w in args.inputs]
-    try:
-        merged, energy = concatenate(parts), None
-    except ValueError as e:
-        raise ImgloraError(str(e), "merge adapters made for the same base model") from None
+    parts = [(load_adapter(p)[0], w) for p, w in args.inputs]
+    if any(not_plain_lora(a) for a, _ in parts):  # LoHa, LoKr, DoRA, full: blended through their ΔW
+        try:
+            merged, energy = merge_kinds(parts, _model_weights(args, [a for a, _ in parts], args.inputs[0][0]),
+                                         args.rank)
+        except ValueError as e:
+            raise ImgloraError(str(e), "merge adapters made for the same base model, with that --model") from None
+        args.rank = None  # already applied
+    else:
+        try:
+            merged, energy = concatenate(parts), None
+        except ValueError as e:
+            raise ImgloraError(str(e), "merge adapters made for the same base model") from None
     if args.rank is not None:
         top = max(merged.ranks(), default=0)
         if args.rank > top:
@@ -223,8 +267,8 @@ def merge_command(args) -> None:
                                  "imglora.merged_from": sources})
     save_adapter(args.output, merged, fmt=args.to, metadata=meta, overwrite=args.overwrite,
                  dtype=_save_dtype(merged, args.save_precision, args.output))
-    print(f"{shown(args.output)}: {len(merged.modules)} modules, rank {_ranks(merged)}, {args.save_precision}"
-          + (f", {energy.line()}" if energy else " (exact concatenation)"))
+    print(f"{shown(args.output)}: {len(merged.modules)} modules, rank {_ranks(merged) or 'full'}, "
+          f"{args.save_precision}" + (f", {energy.line()}" if energy else " (exact)"))
 
 
 def resize_command(args) -> None:
@@ -288,6 +332,39 @@ examples:
 """
 
 
+def model_options(parser, help: str) -> None:
+    parser.add_argument("--model", help=help)
+    parser.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+
+
+def extract_command(args) -> None:
+    from .formats.lora_file import save_adapter
+    from .formats.metadata import build_metadata
+    from .lora.adapters import Adapters
+    from .ops.extract import extract, weights_of
+    from .pipeline import load_model
+
+    _refuse_existing(args.output, args.overwrite)
+    base = load_model(args.base, config=args.model_config)
+    tuned = load_model(args.tuned, config=args.model_config)
+    if (base.arch, base.layers_per_block) != (tuned.arch, tuned.layers_per_block):
+        raise ImgloraError(f"the models differ in architecture ({base.arch} and {tuned.arch})",
+                           "extract from a fine-tune and the base it was tuned from", path=args.tuned)
+    keys = Adapters(base.pipe).targets(args.targets, text_encoder=not args.no_text_encoder, te_mlp=True)
+    lora, energy = extract(weights_of(base.pipe, keys), weights_of(tuned.pipe, keys), args.rank, args.conv_rank)
+    if not lora.modules:
+        raise ImgloraError("the two models have the same weights in every compared layer", "nothing to extract",
+                           path=args.tuned)
+    lora.arch = base.arch
+    meta = build_metadata(lora, base.arch, Path(args.output).stem, base.prediction,
+                          extra={"imglora.extracted_from": {"base": os.path.basename(args.base),
+                                                            "tuned": os.path.basename(args.tuned)}})
+    save_adapter(args.output, lora, metadata=meta, overwrite=args.overwrite, layers_per_block=base.layers_per_block,
+                 dtype=_save_dtype(lora, args.save_precision, args.output))
+    print(f"{shown(args.output)}: {len(lora.modules)} of {len(keys)} layers changed, rank {_ranks(lora)}, "
+          f"{energy.line()}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="imglora", description="LoRA training, files and blending for SD 1.x/2.x/XL")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -295,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images with adapters blended")
     g.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
+    g.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model "
+                   "(nothing is downloaded)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=weighted,
                    help=f"adapter file and its blend weight, from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default weight: "
                         "1.0), repeatable")
@@ -330,10 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.set_defaults(func=inspect_command)
 
-    c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format")
-    c.add_argument("input", help="adapter file to read (kohya or diffusers format)")
+    c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format, or any kind as a plain LoRA")
+    c.add_argument("input", help="adapter file to read (any format and kind imglora reads)")
     c.add_argument("output", help="adapter file to write")
-    c.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, required=True, help=FORMAT_HELP)
+    c.add_argument("--to", choices=["kohya", "diffusers", "lora"], type=out_format, required=True,
+                   help=FORMAT_HELP + "; lora: LoHa/LoKr/DoRA/full as a plain kohya LoRA of --rank by SVD of each "
+                        "ΔW (the energy kept is reported), which diffusers' load_lora_weights reads")
+    c.add_argument("--rank", type=at_least(1), help="with --to lora: the rank to write")
+    model_options(c, "with --to lora: the base model the adapter was made for (its weights give DoRA's norms "
+                     "and each ΔW's shape; default: the embedded model)")
     c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say "
                    "(default: the file's)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
@@ -350,8 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, default="kohya",
                    help=FORMAT_HELP + " (default: %(default)s)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    model_options(m, "for LoHa/LoKr/DoRA/full inputs, blended through their ΔW: the base model they were made "
+                     "for (default: the embedded model); without --rank such modules are written as exact full "
+                     "deltas")
     save_precision(m)
     m.set_defaults(func=merge_command)
+
+    x = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints (a fine-tune and its base)")
+    x.add_argument("base", help="the base model: diffusers folder or .safetensors/.ckpt checkpoint")
+    x.add_argument("tuned", help="the fine-tuned model, of the same architecture")
+    x.add_argument("output", help="adapter file to write (kohya format)")
+    x.add_argument("--rank", type=at_least(1), required=True, help="rank of the LoRA")
+    x.add_argument("--conv-rank", type=at_least(1), help="rank of 3x3 convolutions (default: --rank)")
+    x.add_argument("--targets", choices=["cross-attn", "attn", "transformer", "conv"], default="transformer",
+                   help="UNet layers to compare, as in `imglora train --targets` (default: %(default)s)")
+    x.add_argument("--no-text-encoder", action="store_true", help="leave the text encoders out")
+    x.add_argument("--model-config", help="diffusers folder whose configs describe single-file checkpoints")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    save_precision(x)
+    x.set_defaults(func=extract_command)
 
     r = sub.add_parser("resize", help="lower an adapter's rank by SVD")
     r.add_argument("input", help="adapter file to read")

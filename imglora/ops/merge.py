@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.state import Adapter, LoraModule
+from ..lora.state import Adapter, FullModule, LoraModule
 from .resize import Energy, resize
 
 
@@ -44,3 +44,38 @@ def merge(parts: list[tuple[Adapter, float]], rank: int | None = None) -> tuple[
     if rank is None:
         return merged, None
     return resize(merged, rank)
+
+
+def merge_kinds(parts: list[tuple[Adapter, float]], base_weights: dict[str, torch.Tensor],
+                rank: int | None = None) -> tuple[Adapter, Energy | None]:
+    """Blend adapters of any kinds. Modules where every part is a plain LoRA are concatenated exactly
+    (then cut to `rank` by SVD, if given); elsewhere the blend is Σ wᵢ·ΔWᵢ on the model's weights
+    (DoRA's ΔW depends on them), written as a full delta (exact) or, with `rank`, a LoRA by SVD."""
+    from .extract import _energy, lora_from_delta
+
+    plain = lambda m: isinstance(m, LoraModule) and m.mid is None and m.dora_scale is None  # noqa: E731
+    keys = list(dict.fromkeys(k for a, _ in parts for k in a.modules))
+    lora_keys = [k for k in keys if all(plain(a.modules[k]) for a, _ in parts if k in a.modules)]
+    lora_parts = [(Adapter({k: m for k, m in a.modules.items() if k in lora_keys}, {}, a.arch), w) for a, w in parts]
+    merged = concatenate(lora_parts)
+    energy = None
+    if rank is not None and merged.modules:
+        merged, energy = resize(merged, rank)
+    modules, kept = dict(merged.modules), {}
+    for key in keys:
+        if key in lora_keys:
+            continue
+        if key not in base_weights:
+            raise ValueError(f"module {key} does not exist in this model")
+        w0 = base_weights[key]
+        delta = sum(w * a.modules[key].delta(w0).reshape(w0.shape) for a, w in parts if key in a.modules)
+        if rank is None:
+            modules[key] = FullModule(delta.float())
+        else:
+            modules[key], *kept[key] = lora_from_delta(delta, rank)
+    if kept:  # the LoRA part and the dense part each report their share; overall, the lower one is a bound
+        dense = _energy(kept)
+        energy = dense if energy is None else Energy(min(energy.kept, dense.kept), min(energy.worst, dense.worst),
+                                                     dense.worst_module if dense.worst < energy.worst
+                                                     else energy.worst_module)
+    return Adapter(modules, {}, merged.arch), energy

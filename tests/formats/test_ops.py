@@ -12,6 +12,7 @@ from imglora.formats.diffusers import installed_path
 from imglora.formats.files import read_safetensors
 from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.lora.state import Adapter, LoraModule
+from imglora.ops.extract import weights_of
 from imglora.ops.merge import concatenate, merge
 from imglora.ops.resize import resize, truncate
 
@@ -273,13 +274,54 @@ def test_values_too_large_for_fp16_are_refused_with_the_way_out(make_pipe, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
-def test_merge_and_resize_refuse_kinds_they_cannot_compute(make_pipe, tmp_path, capsys, kind):
-    src = save_adapter(tmp_path / f"{kind}.safetensors",
-                       helpers.random_adapter(make_pipe("sd1"), "cross-attn", arch="sd1", kind=kind, scale=0.1))
-    capsys.readouterr()  # what saving it said
-    for argv in (["resize", str(src), str(tmp_path / "r.safetensors"), "--rank", "2"],
-                 ["merge", str(tmp_path / "m.safetensors"), f"{src}:0.5"]):
-        assert main(argv) == 2
-        _one_line(capsys, f"{kind}.safetensors: merge and resize work on LoRA/LoCon modules, and module ",
-                  "dora" if kind == "dora" else f"is {kind}")
-    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+def test_other_kinds_convert_to_lora_and_merge_through_their_delta(make_pipe, tmp_path, capsys, kind):
+    pipe = make_pipe("sd1")
+    pipe.save_pretrained(tmp_path / "model")
+    model = ["--model", str(tmp_path / "model")]
+    other = helpers.random_adapter(pipe, "attn", arch="sd1", kind=kind, scale=0.1, seed=1)
+    lora = helpers.random_adapter(pipe, "attn", arch="sd1", seed=2)
+    src, plain = save_adapter(tmp_path / f"{kind}.safetensors", other), save_adapter(tmp_path / "l.safetensors", lora)
+    capsys.readouterr()
+    assert main(["resize", str(src), str(tmp_path / "r.safetensors"), "--rank", "2"]) == 2
+    _one_line(capsys, f"{kind}.safetensors: resize works on LoRA/LoCon modules", "convert IN OUT --to lora")
+    # convert --to lora: at a rank no layer exceeds, the same ΔW, as a plain LoRA every client reads.
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors"), "--to", "lora", "--rank", "64", *model,
+                 "--save-precision", "fp32"]) == 0
+    assert "retained energy 100.00% overall" in capsys.readouterr().out
+    converted = load_adapter(tmp_path / "c.safetensors")[0]
+    assert set(converted.kinds()) == {"lora"} and converted.metadata["ss_network_module"] == "networks.lora"
+    w0 = {k: v for k, v in weights_of(pipe, other.modules).items()}
+    for key, m in other.modules.items():
+        torch.testing.assert_close(converted.modules[key].delta(), m.delta(w0[key]).reshape(w0[key].shape),
+                                   rtol=1e-4, atol=1e-6)
+    # merge: the blend Σ wᵢ·ΔWᵢ, exact (as full deltas) without --rank.
+    assert main(["merge", str(tmp_path / "m.safetensors"), f"{src}:0.5", f"{plain}:-0.3", *model,
+                 "--save-precision", "fp32"]) == 0
+    merged = load_adapter(tmp_path / "m.safetensors")[0]
+    for key, m in merged.modules.items():
+        want = 0.5 * other.modules[key].delta(w0[key]).reshape(w0[key].shape) - 0.3 * lora.modules[key].delta()
+        torch.testing.assert_close(m.delta(w0[key]).reshape(w0[key].shape), want, rtol=1e-4, atol=1e-6)
+    assert main(["merge", str(tmp_path / "m2.safetensors"), f"{src}:0.5", f"{plain}:-0.3", *model, "--rank", "2"]) == 0
+    assert {m.rank for m in load_adapter(tmp_path / "m2.safetensors")[0].modules.values()} == {2}
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_extract_makes_a_lora_of_what_a_fine_tune_changed(make_pipe, tmp_path, capsys):
+    base, tuned = make_pipe("sd1"), make_pipe("sd1")
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"
+    with torch.no_grad():
+        w = weights_of(tuned, [key])[key]
+        w += 0.1 * torch.randn(w.shape[0], 1) @ torch.randn(1, w.shape[1])  # a rank-1 change of one layer
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    out = tmp_path / "x.safetensors"
+    assert main(["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), str(out), "--rank", "4",
+                 "--save-precision", "fp32"]) == 0
+    said = capsys.readouterr().out
+    assert "1 of" in said and "layers changed" in said and "retained energy 100.00%" in said
+    lora = load_adapter(out)[0]
+    assert list(lora.modules) == [key]
+    torch.testing.assert_close(weights_of(base, [key])[key] + lora.modules[key].delta(), w, rtol=1e-4, atol=1e-5)
+    assert main(["extract", str(tmp_path / "base"), str(tmp_path / "base"), str(tmp_path / "y.safetensors"),
+                 "--rank", "4"]) == 2
+    assert "the same weights in every compared layer" in capsys.readouterr().err
