@@ -24,7 +24,10 @@ _UNET = re.compile(
 # Text encoders: ComfyUI maps exactly these six projections per layer, under `text_model` (kohya's names).
 _TE = re.compile(r"^(lora_te[12]?)_text_model_encoder_layers_(\d+)_(self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])$")
 _TE_ATTN = {"self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj"}
-_TENSORS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# The tensor names both loaders read (A1111's network_lora/_hada/_lokr/_full modules, ComfyUI's weight_adapter).
+_TENSORS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".hada_w1_a",
+            ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b",
+            ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".diff", ".diff_b")
 
 
 def client_misses(keys: list[str], arch: str) -> list[str]:
@@ -40,7 +43,7 @@ def client_misses(keys: list[str], arch: str) -> list[str]:
         module, dot, tensor = key.partition(".")
         if not dot or f".{tensor}" not in _TENSORS:
             miss("tensor names A1111 and ComfyUI do not read (expected .lora_down.weight, .lora_up.weight, "
-                 ".alpha)", key)
+                 ".alpha or the LyCORIS names)", key)
         if module.startswith("lora_unet_"):
             if not _UNET.match(module):
                 miss("UNet modules neither loader maps", key)

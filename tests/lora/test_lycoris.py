@@ -157,3 +157,20 @@ def test_a_blend_of_mixed_kinds_is_the_base_plus_the_weighted_deltas(make_pipe, 
         adapters.set_weight(name, w)
     for a, b in zip(blended, outputs(pipe)):
         torch.testing.assert_close(a, b)  # the cached ΔW survived the weight changes unchanged
+
+
+def test_inspect_names_the_kinds_and_the_client_naming(make_pipe, tmp_path):
+    """LyCORIS under transformers 5 writes text-encoder names A1111 and ComfyUI do not map; re-saved by
+    imglora the same adapter has the canonical names, and inspect says which kind it is."""
+    from imglora.formats.inspect import describe
+
+    pipe = make_pipe("sd1")
+    _, path = lycoris_file(pipe, "loha", {"preset": "attn-mlp"}, tmp_path / "in.safetensors")
+    adapter, _ = load_adapter(path)
+    save_adapter(tmp_path / "out.safetensors", adapter)
+    theirs, ours = describe(path), describe(tmp_path / "out.safetensors")
+    assert ours["kinds"] == {"loha": len(adapter.modules)} and ours["warnings"] == []
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert any("text-encoder modules neither loader maps" in w for w in theirs["warnings"])
