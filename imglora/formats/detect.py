@@ -31,8 +31,8 @@ def detect_format(keys: list[str]) -> str:
         return "kohya"
     if all(k.startswith(COMFY_PREFIXES) for k in keys):
         return "comfyui"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft"
+    if any(".lora_A." in k or ".lora_B." in k or ".hada_w" in k or ".lokr_w" in k for k in keys):
+        return "peft"  # also peft's own LoHa and LoKr tensors under module paths
     if any(".lora.down." in k or ".lora_linear_layer." in k for k in keys):
         return "diffusers"
     if any(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from ..lora.state import CLIP_ROOT, COMPONENTS, Adapter, LoraModule, split_component
+from ..lora.state import CLIP_ROOT, COMPONENTS, Adapter, LoraModule, Module, module_from_parts, split_component
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
@@ -92,29 +92,57 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraModule]:
+# peft's own tensor names for its LoRA variants (LoHa, LoKr, DoRA's magnitude) after the module path.
+_PEFT_VARIANT = re.compile(r"(.+)\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|lora_magnitude_vector)"
+                           r"(?:\.weight)?$")
+
+
+def from_peft(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Module]:
+    """diffusers-PEFT keys: LoRA pairs (`.lora_A.weight`/`.lora_B.weight`), DoRA's `.lora_magnitude_vector`,
+    and peft's LoHa (`.hada_*`) and LoKr (`.lokr_*`) tensors; alphas from the lora_adapter_metadata config."""
     configs = _alphas_from_metadata(metadata)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.match(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if not m:
+        if m:
+            name, role = m[1], m[2]
+        elif v := _PEFT_VARIANT.match(key):
+            name, role = v[1], v[2]
+        else:
             raise ValueError(f"unrecognised key {key}")
-        name = m[1]
         if name.split(".", 1)[0] not in COMPONENTS:  # model-level file (M): UNet keys without a prefix
             name = "unet." + name
-        pairs.setdefault(name, {})[m[2]] = t
+        parts.setdefault(name, {})[role] = t
     modules = {}
-    for name, p in pairs.items():
-        if set(p) != {"A", "B"}:
-            raise ValueError(f"module {name} lacks its lora_{'B' if 'A' in p else 'A'} weight")
+    for name, p in parts.items():
         component, path = split_component(name)
         cfg = configs.get(component, {})
-        rank = p["A"].shape[0]
-        # Without a config, diffusers uses lora_alpha = r (scale 1); 8 is LoraConfig's own default.
-        alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)) if cfg else rank
-        if cfg.get("use_rslora"):
-            alpha = alpha * rank ** 0.5  # rslora scales by alpha/√r, which is (alpha·√r)/r
-        modules[name] = LoraModule(p["A"], p["B"], float(alpha))
+        if "A" in p or "B" in p:
+            if not {"A", "B"} <= p.keys():
+                raise ValueError(f"module {name} lacks its lora_{'B' if 'A' in p else 'A'} weight")
+            if p.keys() - {"A", "B", "lora_magnitude_vector"}:
+                raise ValueError(f"module {name} has tensors of several kinds: {', '.join(sorted(p))}")
+            rank = p["A"].shape[0]
+            # Without a config, diffusers uses lora_alpha = r (scale 1); 8 is LoraConfig's own default.
+            alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)) if cfg else rank
+            if cfg.get("use_rslora"):
+                alpha = alpha * rank ** 0.5  # rslora scales by alpha/√r, which is (alpha·√r)/r
+            modules[name] = LoraModule(p["A"], p["B"], float(alpha), dora_scale=p.get("lora_magnitude_vector"))
+            continue
+        # peft LoHa/LoKr: scale = alpha / r of their config (peft's defaults: r 8, alpha 8).
+        r = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", 8))
+        alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("alpha", cfg.get("lora_alpha", 8)))
+        if any(k.startswith("hada_") for k in p):
+            modules[name] = module_from_parts(name, {**p, "alpha": torch.tensor(float(alpha) * p["hada_w1_b"].shape[0]
+                                                                                 / r if "hada_w1_b" in p else 1.0)})
+        else:
+            # peft applies alpha/r whether or not a factor is decomposed: folded into w1, so scale is 1 here.
+            parts_ = dict(p)
+            w1 = "lokr_w1" if "lokr_w1" in parts_ else "lokr_w1_a"
+            if w1 not in parts_:
+                raise ValueError(f"module {name} lacks a LoKr factor (lokr_w1 or lokr_w1_a/b)")
+            parts_[w1] = parts_[w1] * (float(alpha) / r)
+            modules[name] = module_from_parts(name, parts_)
     return modules
 
 

@@ -174,3 +174,38 @@ def test_inspect_names_the_kinds_and_the_client_naming(make_pipe, tmp_path):
 
     if int(transformers.__version__.split(".")[0]) >= 5:
         assert any("text-encoder modules neither loader maps" in w for w in theirs["warnings"])
+
+
+def test_peft_forms_of_loha_lokr_and_dora_load_and_match_peft(make_pipe, tmp_path):
+    """peft (the second reference) injects LoHa, LoKr and DoRA into a UNet; its state dict saved with the
+    config in lora_adapter_metadata, as diffusers writes it, loads in imglora with the same output."""
+    import json
+
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    configs = {"loha": LoHaConfig(r=4, alpha=6, target_modules=["to_q", "to_v", "proj_in"]),
+               "lokr": LoKrConfig(r=2, alpha=3, target_modules=["to_q", "to_k"]),
+               "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_out.0"], use_dora=True)}
+    for kind, cfg in configs.items():
+        ref, ours = make_pipe("sd1"), make_pipe("sd1")
+        inject_adapter_in_model(cfg, ref.unet, adapter_name="default")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in ref.unet.named_parameters():
+                if any(t in name for t in ("hada_", "lokr_", "lora_A", "lora_B")):
+                    p.copy_(torch.randn_like(p) * 0.3)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
+        state = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ref.unet).items()}
+        meta = {k: v for k, v in cfg.to_dict().items() if k in ("r", "alpha", "lora_alpha", "rank_pattern",
+                                                                "alpha_pattern")}
+        file = tmp_path / f"{kind}.safetensors"
+        save_file(state, str(file), metadata={"lora_adapter_metadata": json.dumps({f"unet.{k}": v
+                                                                                   for k, v in meta.items()})})
+        adapter, fmt = load_adapter(file)
+        assert fmt == "peft" and set(adapter.kinds()) == {"lora+dora" if kind == "dora" else kind}
+        Adapters(ours).load("x", adapter)
+        want, got = outputs(ref)[1], outputs(ours)[1]
+        assert (want - outputs(make_pipe("sd1"))[1]).abs().max() > 1e-2, kind
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=kind)
