@@ -311,8 +311,12 @@ def demo_command(args) -> None:
 def ui_command(args) -> None:
     from ui.app import launch  # the app lives beside the library; only this edge imports it
 
+    from ui.session import Limits
+
+    limits = Limits(steps=args.max_steps, seconds=args.max_seconds)
     launch(model=args.model, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth,
-           share=args.share, device=args.device, max_upload_mb=args.max_upload_mb, outputs_dir=args.outputs)
+           share=args.share, device=args.device, max_upload_mb=args.max_upload_mb, outputs_dir=args.outputs,
+           limits=limits, model_config=args.model_config)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -475,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("ui", help="open the web app to blend and compare adapters")
     u.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
+    u.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model")
+    u.add_argument("--max-steps", type=at_least(1, 1000), default=100,
+                   help="most inference steps one request may ask for (default: %(default)s)")
+    u.add_argument("--max-seconds", type=at_least(1, 3600), default=120,
+                   help="a generation still running after this many seconds is stopped (default: %(default)s)")
     u.add_argument("--adapters", default="adapters", help="folder of .safetensors adapters (default: ./adapters)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     u.add_argument("--port", type=at_least(1, 65535), default=7860, help="port to listen on (default: %(default)s)")

@@ -10,27 +10,38 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection
+from starlette.responses import HTMLResponse, JSONResponse
 
 from imglora.errors import ImgloraError
 
-from .session import Session, open_model
+from .session import Limits, Session, open_model
 from .tabs import adapters, compare, export, generate
+
+# A library of dozens of adapters stays compact: the tick boxes scroll inside their own box, so the
+# enabled adapters' weights above them and the gallery on the right stay in view at 1280x720.
+CSS = """
+#library [data-testid=checkbox-group] { max-height: 14rem; overflow-y: auto; }
+#unusable textarea { font-size: var(--text-sm); }
+.adapter-row { margin-bottom: var(--spacing-sm); }
+"""
 
 
 def build_app(session: Session) -> gr.Blocks:
     # Gradio copies every shown image into its cache; files older than a day are removed hourly.
     with gr.Blocks(title="imglora", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown("## imglora: blend and compare LoRA adapters")
         blend = gr.State({})  # this browser tab's blend; never shared (blend.py)
         with gr.Row():
-            with gr.Column(scale=2):
-                rows, catalogue_changed = adapters.create_ui(session, blend, demo)
+            with gr.Column(scale=2, min_width=380):
+                panel, catalogue_changed = adapters.create_ui(session, blend, demo)
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
-                        gen = generate.create_ui(session, blend)
+                        gen = generate.create_ui(session, blend, panel)
                     with gr.Tab("Compare", id="compare"):
                         grid = compare.create_ui(session, blend, gen)
                     with gr.Tab("Export", id="export"):
@@ -39,12 +50,54 @@ def build_app(session: Session) -> gr.Blocks:
         def choices(listed):
             names = [r[0] for r in listed if r[1] == "ok"]
             return gr.update(choices=names), gr.update(choices=[""] + names)
-        rows.change(choices, rows, [grid["x_name"], grid["y_name"]], api_visibility="private")
-        # A page (re)load lists the folder as it is now.
-        demo.load(**catalogue_changed)
-    # Listing, cards and blend edits may overlap; every pipeline event has concurrency_id="pipeline", limit 1.
+        panel["rows"].change(choices, panel["rows"], [grid["x_name"], grid["y_name"]], api_visibility="private")
+    # Blend edits and listings may overlap; the model's events share concurrency_id "pipeline" and take
+    # fair turns in Session.turns (generate.PIPELINE).
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo
+
+
+class LoginRequired:
+    """With --auth, every route answers 401 without a login, except the login itself.
+
+    Gradio checks the login on most routes but not all (/gradio_api/cancel, /reset, /heartbeat,
+    /startup-events, /theme.css, and "/" embeds the API description in its login page), so this ASGI
+    middleware checks Gradio's own session cookie in front of all of them. "/" answers with a small login
+    form (status 401) that posts to Gradio's /login. The one exception is launch()'s own first call of
+    /startup-events.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        gradio_app = scope.get("app")
+        if scope["type"] not in ("http", "websocket") or getattr(gradio_app, "auth", None) is None:
+            return await self.app(scope, receive, send)
+        conn = HTTPConnection(scope)
+        cookie = gradio_app.cookie_id
+        token = conn.cookies.get(f"access-token-{cookie}") or conn.cookies.get(f"access-token-unsecure-{cookie}")
+        path, method = scope["path"], scope.get("method")
+        # launch() itself calls startup-events once, without a login; after that it is closed like the rest.
+        starting = path == "/gradio_api/startup-events" and not gradio_app.startup_events_triggered
+        if token in gradio_app.tokens or (method == "POST" and path in ("/login", "/login/")) or starting:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        if path == "/" and method in ("GET", "HEAD"):
+            response = HTMLResponse(LOGIN_PAGE, status_code=401)
+        else:
+            response = JSONResponse({"detail": "Not authenticated"}, status_code=401)
+        await response(scope, receive, send)
+
+
+LOGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>imglora: log in</title>
+<form id="f" style="font-family:sans-serif;margin:4rem auto;width:16rem;display:grid;gap:.5rem">
+<b>imglora</b><input name="username" placeholder="user" autofocus required>
+<input name="password" type="password" placeholder="password" required><button>Log in</button><span id="m"></span></form>
+<script>f.onsubmit = async (e) => { e.preventDefault();
+  const r = await fetch("login", {method: "POST", body: new URLSearchParams(new FormData(f))});
+  if (r.ok) location.reload(); else m.textContent = "wrong user or password"; };</script>"""
 
 
 def is_loopback(host: str) -> bool:
@@ -83,14 +136,26 @@ def start(session: Session, demo: gr.Blocks, host: str = "127.0.0.1", port: int 
     """Start serving without blocking; returns the local URL."""
     _, url, share_url = demo.launch(
         server_name=host, server_port=port, auth=parse_auth(auth), share=bool(share), prevent_thread_lock=True,
-        quiet=quiet, show_error=False, inbrowser=False,
+        quiet=quiet, show_error=False, inbrowser=False, css=CSS,
         max_file_size=session.max_upload_bytes if session.uploads_enabled else 1,
-        # Only the outputs folder is served besides Gradio's own cache; the adapters and the model are
-        # never files the browser can ask for (RELIABILITY.md §3 file rules, U4).
-        allowed_paths=[str(session.outputs)],
+        # Gradio serves only its cache: shown images are copies put there (Session.shown), so nothing
+        # else in the outputs folder, or wherever it points, can be asked for. The adapters and the model
+        # are blocked outright (RELIABILITY.md §3 file rules, U4).
+        allowed_paths=[],
         blocked_paths=[str(session.catalogue.folder)] + _model_paths(session),
+        app_kwargs={"middleware": [Middleware(LoginRequired)]},
         footer_links=["api"])
     return share_url or url
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port another program holds is one line before the model loads, not Gradio's traceback after."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ImgloraError(f"cannot listen on {host}:{port} ({e.strerror})",
+                               "pass another --port, or stop the program using it") from None
 
 
 def _model_paths(session: Session) -> list[str]:
@@ -99,13 +164,19 @@ def _model_paths(session: Session) -> list[str]:
 
 
 def launch(model=None, adapters_dir="adapters", host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           share: bool = False, device: str = "cpu", max_upload_mb: int = 512, outputs_dir="outputs") -> None:
+           share: bool = False, device: str = "cpu", max_upload_mb: int = 512, outputs_dir="outputs",
+           limits: Limits | None = None, model_config=None) -> None:
     """Open the model and serve the app until interrupted; prints the address."""
     uploads, warning = network_policy(host, auth, share)
     parse_auth(auth)  # a malformed --auth fails before the model is loaded
+    for flag, folder in (("--adapters", adapters_dir), ("--outputs", outputs_dir)):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise ImgloraError(f"{flag} is a file, not a folder", f"pass a folder to {flag}", path=folder)
+    _check_port(host, port)
     if warning:
         print(f"imglora ui: {warning}", file=sys.stderr)
-    session = Session(open_model(model, device), adapters_dir, outputs_dir, uploads_enabled=uploads, max_upload_mb=max_upload_mb)
+    session = Session(open_model(model, device, model_config), adapters_dir, outputs_dir, uploads_enabled=uploads,
+                      max_upload_mb=max_upload_mb, limits=limits)
     demo = build_app(session)
     url = start(session, demo, host, port, auth, share)
     usable = len(session.catalogue.names())

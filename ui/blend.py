@@ -1,7 +1,9 @@
 """A user's blend: which adapters are on, at which weights. It lives in a `gr.State`, one per browser tab.
 
-A blend is a plain dict `{name: {"on": bool, "weight": float, "te": float | None}}`; `te` is the
-text-encoder weight when it differs from the UNet weight (A1111's te/unet multipliers). Functions here
+A blend is a plain dict `{name: {"on": bool, "weight": float, "te": float | None, "file": version}}`; `te`
+is the text-encoder weight when it differs from the UNet weight (A1111's te/unet multipliers), and `file`
+the catalogue's `Entry.version` when it was enabled, so a name that later means another file is refused
+rather than used (catalogue.py). Functions here
 return new dicts and never change the one passed in, so a generation that took a blend keeps it
 while the user edits theirs.
 """
@@ -33,26 +35,40 @@ def _weight(value, what: str) -> float:
     return w
 
 
-def set_adapter(catalogue: Catalogue, blend: dict | None, name, on: bool, weight, te_weight=None) -> dict:
+def set_adapter(catalogue: Catalogue, blend: dict | None, name, on: bool, weight, te_weight=None,
+                keep_file: bool = False) -> dict:
     """A new blend with one adapter changed. The name must be in the adapters list; nothing is read.
 
     Turning an adapter off removes it, and needs only a well-formed name, so an adapter that has left
-    the folder can still be taken out of a blend.
+    the folder can still be taken out of a blend. Enabling takes the file listed under the name now;
+    keep_file (a weight slider moving) keeps the file it was enabled with.
     """
     new = {k: dict(v) for k, v in (blend or {}).items()}
     if not on:
         new.pop(check_name(name), None)
         return new
-    catalogue.get(name)
+    entry = catalogue.get(name)
     te = None if te_weight is None or te_weight == "" else _weight(te_weight, "text-encoder weight")
-    new[name] = {"on": True, "weight": _weight(weight, "weight"), "te": te}
+    version = new[name]["file"] if keep_file and new.get(name, {}).get("file") else entry.version
+    new[name] = {"on": True, "weight": _weight(weight, "weight"), "te": te, "file": version}
     return new
 
 
-def prune(catalogue: Catalogue, blend: dict | None) -> dict:
-    """The blend without adapters that are no longer usable (removed or broken since they were enabled)."""
-    usable = set(catalogue.names())
-    return {k: dict(v) for k, v in (blend or {}).items() if k in usable}
+def prune(catalogue: Catalogue, blend: dict | None) -> tuple[dict, list[str]]:
+    """(the blend without adapters that are no longer usable or now name another file, their names)."""
+    kept, dropped = {}, []
+    for name, v in (blend or {}).items():
+        try:
+            catalogue.get(name, v.get("file"))
+            kept[name] = dict(v)
+        except ImgloraError:
+            dropped.append(name)
+    return kept, dropped
+
+
+def pins(blend: dict | None) -> dict[str, tuple]:
+    """{name: the file version it was enabled with} of every enabled adapter."""
+    return {n: v["file"] for n, v in (blend or {}).items() if v.get("on") and v.get("file")}
 
 
 def parse_prompt(prompt: str) -> tuple[str, dict[str, tuple[float, float | None]]]:
@@ -79,8 +95,11 @@ def active_weights(catalogue: Catalogue, blend: dict | None, prompt_loras: dict 
         if v.get("on"):
             out[name] = (_weight(v["weight"], "weight"), v.get("te"))
     out.update(prompt_loras or {})
+    pinned = pins(blend)
     for name in out:
-        catalogue.get(name)  # every name must be a usable adapter of the folder
+        # Every name must be a usable adapter of the folder, and still the file the blend enabled
+        # (a prompt tag is a name lookup now, as in A1111).
+        catalogue.get(name, None if name in (prompt_loras or {}) else pinned.get(name))
     return Blend.of(out)
 
 

@@ -175,3 +175,39 @@ def test_a_model_folder_with_pickled_weights_is_refused_before_loading(tmp_path,
     err = capsys.readouterr().err
     assert "the unet weights are a pickle, not safetensors" in err and "weights_only" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_app_and_generate_startup_errors_are_one_line(tmp_path, capsys):
+    import pickle
+    import socket
+
+    file = tmp_path / "adapters.txt"
+    file.write_text("not a folder")
+    assert main(["ui", "--adapters", str(file)]) == 2
+    assert "--adapters is a file, not a folder" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--adapters", str(tmp_path / "a"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
+    # Single-file models: generate and ui take --model-config as train does (here it reaches the loader,
+    # which refuses a pickle before anything runs).
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": {"x": 1}}))
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for argv in (["generate", "--prompt", "x", "--out", str(tmp_path / "x.png")],
+                 ["ui", "--adapters", str(tmp_path / "a"), "--port", str(_free_port())]):
+        assert main([*argv[:1], "--model", str(ckpt), "--model-config", str(cfg_dir), *argv[1:]]) == 2
+        assert "refused to load the pickle" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

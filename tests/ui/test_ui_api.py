@@ -1,11 +1,14 @@
 """The running app through its HTTP API (gradio_client and raw requests), as another program would use it."""
 
+import os
+import re
+import shutil
 import threading
 
 import pytest
-from gradio_client import handle_file
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from ui_helpers import SETTINGS, http_status, in_folder, same_image
+from ui_helpers import SETTINGS, free_port, http_status, in_folder, same_image
 
 # Adapter names that must never reach a file (RELIABILITY.md U2, the CVE-2024-47868 pattern).
 PAYLOADS = [
@@ -166,3 +169,116 @@ def test_a_broken_adapter_does_not_break_the_others(client, expected):
     set_blend(client, {"style_a": 0.5})
     image, _ = generate(client)
     assert same_image(image, expected({"style_a": 0.5}))
+
+
+def test_the_outputs_folder_is_never_served_only_the_copies_the_page_shows(app_url, client, session):
+    """--outputs may be a broad folder (a home directory): /file= serves none of it, not even the app's own
+    images there; the page gets copies in Gradio's cache."""
+    image, _ = generate(client)
+    name = os.path.basename(image)
+    written = session.outputs / name
+    assert written.is_file()  # the app wrote it...
+    (session.outputs / "private").mkdir(exist_ok=True)
+    planted = [session.outputs / "notes.txt", session.outputs / "private" / "photo.png", session.outputs / "x.png"]
+    for path in planted:
+        path.write_bytes(b"not the app's")
+    try:
+        for path in [written, *planted]:  # ...and neither it nor anything else under --outputs is served
+            assert http_status(f"{app_url}gradio_api/file={path}") == 403, path
+        assert http_status(f"{app_url}gradio_api/file={image}") == 200  # the gallery's own copy
+    finally:
+        shutil.rmtree(session.outputs / "private")
+        for path in planted[::2]:
+            path.unlink()
+
+
+@pytest.fixture(scope="module")
+def authed(session):
+    """A second app on the same session, with a login."""
+    from ui.app import build_app, start
+
+    demo = build_app(session)
+    url = start(session, demo, port=free_port(), auth="me:secret")
+    yield url, demo
+    demo.close()
+
+
+def test_with_auth_every_route_answers_401_without_the_login(authed):
+    """Each route the server has (Gradio's queue, cancel, reset, heartbeat, file, upload... and any added
+    later), by plain HTTP without credentials: 401. Only the login form is open."""
+    import requests
+    from starlette.routing import Mount
+
+    url, demo = authed
+    tried = []
+    for prefix, route in _routes(demo.server_app.routes):
+        path = prefix + re.sub(r"\{[^}]*\}", "x", route.path) + ("/x" if isinstance(route, Mount) else "")
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if path.rstrip("/") == "/login" and method == "POST":
+                continue
+            r = requests.request(method, url.rstrip("/") + path, json={}, timeout=10, allow_redirects=False)
+            assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+            tried.append(path)
+    for must in ("/gradio_api/cancel", "/gradio_api/reset", "/gradio_api/queue/join", "/gradio_api/queue/data",
+                 "/gradio_api/heartbeat/x", "/gradio_api/file=x", "/gradio_api/upload", "/config", "/",
+                 "/gradio_api/startup-events", "/theme.css", "/gradio_api/info"):
+        assert must in tried, must
+    assert len(set(tried)) >= 40
+    page = requests.get(url, timeout=10)
+    assert page.status_code == 401 and '<form id="f"' in page.text and "generate" not in page.text  # no API info
+    assert requests.post(url + "login", data={"username": "me", "password": "wrong"}, timeout=10).status_code == 400
+
+    logged_in = requests.Session()
+    assert logged_in.post(url + "login", data={"username": "me", "password": "secret"}, timeout=10).ok
+    assert logged_in.get(url + "config", timeout=10).status_code == 200
+    assert logged_in.get(url, timeout=10).status_code == 200
+    table = Client(url, auth=("me", "secret"), verbose=False).predict(api_name="/refresh")
+    assert {row[0] for row in table["data"]} >= {"style_a", "style_b"}
+
+
+def _routes(routes, prefix=""):
+    """(prefix, route) of every route, routers included into the app flattened."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _routes(inner.routes, prefix + route.include_context.prefix)
+        else:
+            yield prefix, route
+
+
+def test_interrupt_through_the_api_and_the_next_user_is_served(app_url, session):
+    import time
+
+    steps = []
+
+    def slow(module, args):
+        steps.append(1)
+        time.sleep(0.05)
+    handle = session.pipe.unet.register_forward_pre_hook(slow)
+    try:
+        a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
+        s = SETTINGS
+        long = a.submit("a red circle", "", 90, s["guidance"], 0, False, s["width"], s["height"], "model default",
+                        1, False, api_name="/generate")
+        _wait(lambda: len(steps) >= 2)
+        short = b.submit("a red circle", "", 2, s["guidance"], 0, False, s["width"], s["height"], "model default",
+                         1, False, api_name="/generate")
+        b.predict(api_name="/interrupt")  # someone else's Interrupt stops nothing of a's
+        time.sleep(0.3)
+        assert not long.done() and len(steps) >= 6
+        a.predict(api_name="/interrupt")
+        with pytest.raises(AppError, match=r"interrupted at step \d+ of 90"):
+            long.result(timeout=30)
+        images, _, _ = short.result(timeout=30)
+        assert images[0]["image"]
+    finally:
+        handle.remove()
+
+
+def _wait(condition, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

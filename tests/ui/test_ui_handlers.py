@@ -261,7 +261,7 @@ def test_uploads_are_off_when_served_beyond_this_machine_without_a_login(ui_file
 
 def test_the_card_shows_base_model_rank_targets_trigger_words_and_top_tags(session, ui_files):
     from imglora.formats.lora_file import load_adapter, save_adapter
-    from ui.tabs.adapters import card_markdown
+    from ui.tabs.adapters import card_text
 
     adapter, _ = load_adapter(ui_files["adapters"] / "style_a.safetensors")
     tags = {"data/5_zorbly": {"zorbly": 12, "red circle": 7, "<script>": 1}, "reg": {"red circle": 3}}
@@ -269,12 +269,15 @@ def test_the_card_shows_base_model_rank_targets_trigger_words_and_top_tags(sessi
         "ss_base_model_version": "sd_v1", "modelspec.trigger_phrase": "zorbly", "ss_tag_frequency": json.dumps(tags)})
     save_adapter(session.catalogue.folder / "badjson.safetensors", adapter, metadata={"ss_tag_frequency": "{oops"})
     session.catalogue.scan()
-    card = card_markdown(session.catalogue, "tagged")
-    assert card.startswith("**tagged** · SD 1.x · kohya · 28 modules")
+    card = card_text(session.catalogue, "tagged")
+    assert card.startswith("tagged · SD 1.x · kohya · 28 modules") and "- file: tagged.safetensors" in card
     assert "- rank: 4; alpha: 2" in card and "- unet: attn2.to_k ×4" in card and "q_proj ×3" in card
-    assert "- trigger words: `zorbly`" in card
-    assert "- top tags: zorbly (12), red circle (10), &lt;script&gt; (1)" in card  # metadata is shown as text
-    assert "warning: metadata ss_tag_frequency is not valid JSON" in card_markdown(session.catalogue, "badjson")
+    assert "- trigger words: zorbly" in card
+    # Metadata is shown as it is written: plain text in a Textbox, never Markdown, so no escaping either.
+    assert "- top tags: zorbly (12), red circle (10), <script> (1)" in card
+    assert "warning: metadata ss_tag_frequency is not valid JSON" in card_text(session.catalogue, "badjson")
+    # The search box matches trigger words and tags read from the header, not only names.
+    assert "zorbly" in session.catalogue.entries["tagged"].keywords
 
 
 def test_an_adapter_that_left_the_folder_can_still_be_switched_off(session, ui_files):
@@ -290,7 +293,7 @@ def test_an_adapter_that_left_the_folder_can_still_be_switched_off(session, ui_f
     with pytest.raises(ImgloraError, match="no adapter named 'leaving'"):
         run(session, blend)
     assert set_adapter(session.catalogue, blend, "leaving", False, 0.5) == {}
-    assert prune(session.catalogue, blend) == {}  # what the page does when the list changes
+    assert prune(session.catalogue, blend) == ({}, ["leaving"])  # what the page does when the list changes
 
 
 def test_sdxl_pipelines_blend_the_same_way(tmp_path):
@@ -322,17 +325,207 @@ def test_sdxl_pipelines_blend_the_same_way(tmp_path):
     assert same_image(items[0][0], want) and "<lora:xl:0.4:0.7>" in text
 
 
-def test_a_file_replaced_on_disk_is_reloaded_at_the_next_generation(session, ui_files, expected):
+def test_a_name_that_comes_to_mean_another_file_is_dropped_from_the_blend_not_used(session, ui_files, expected):
+    """A blend holds a name and the file version it was enabled with; when a rescan gives the name to
+    another file (replaced in place, another file moved onto it, or a name shifted between folders), the
+    blend is refused with a message and pruned. Enabling the name again takes the file now there."""
     import shutil
 
-    folder = session.catalogue.folder
-    shutil.copy(ui_files["adapters"] / "style_b.safetensors", folder / "swap.safetensors")
-    session.catalogue.scan()
-    items, _, _ = run(session, blend_of(swap=0.7))
-    assert same_image(items[0][0], expected({"style_b": 0.7}))
-    data = (ui_files["adapters"] / "style_a.safetensors").read_bytes()
-    (folder / "swap.safetensors").write_bytes(data)
-    os.utime(folder / "swap.safetensors", ns=(1, 1))  # a new fingerprint even within one mtime tick
-    session.catalogue.scan()
-    items, _, _ = run(session, blend_of(swap=0.7))
-    assert same_image(items[0][0], expected({"style_a": 0.7}))
+    from ui.blend import prune, set_adapter
+    from ui.catalogue import Replaced
+
+    folder, catalogue = session.catalogue.folder, session.catalogue
+    a, b = ui_files["adapters"] / "style_a.safetensors", ui_files["adapters"] / "style_b.safetensors"
+    made = [folder / "swap.safetensors", folder / "fresh.safetensors", folder / "one", folder / "two"]
+    try:
+        shutil.copy(b, folder / "swap.safetensors")
+        catalogue.scan()
+        blend = set_adapter(catalogue, {}, "swap", True, 0.7)
+        items, _, _ = run(session, blend)
+        assert same_image(items[0][0], expected({"style_b": 0.7}))
+
+        (folder / "swap.safetensors").write_bytes(a.read_bytes())  # replaced in place: same inode, new bytes
+        catalogue.scan()
+        with pytest.raises(Replaced, match="'swap' is not the file you enabled: swap.safetensors was replaced"):
+            run(session, blend)
+        moved = set_adapter(catalogue, blend, "swap", True, 0.9, keep_file=True)  # a slider keeps the old file
+        with pytest.raises(Replaced):
+            run(session, moved)
+        assert prune(catalogue, blend) == ({}, ["swap"])
+        blend = set_adapter(catalogue, {}, "swap", True, 0.7)  # enabled again: the file in the folder now
+        items, _, _ = run(session, blend)
+        assert same_image(items[0][0], expected({"style_a": 0.7}))
+
+        shutil.copy(b, folder / "other.safetensors")
+        os.replace(folder / "other.safetensors", folder / "swap.safetensors")  # another file renamed onto the name
+        catalogue.scan()
+        with pytest.raises(Replaced):
+            run(session, blend)
+
+        for sub in ("one", "two"):  # one/dup -> "dup", two/dup -> "dup_2"; without one/dup, two/dup is "dup"
+            (folder / sub).mkdir()
+            shutil.copy(a if sub == "one" else b, folder / sub / "dup.safetensors")
+        catalogue.scan()
+        shifted = set_adapter(catalogue, {}, "dup", True, 0.5)
+        (folder / "one" / "dup.safetensors").unlink()
+        catalogue.scan()
+        assert catalogue.entries["dup"].path == folder / "two" / "dup.safetensors"
+        with pytest.raises(Replaced):
+            run(session, shifted)
+        assert prune(catalogue, shifted) == ({}, ["dup"])
+
+        # Changed after the listing and not loaded yet: refused too, until the folder is listed again.
+        shutil.copy(b, folder / "fresh.safetensors")
+        catalogue.scan()
+        blend = set_adapter(catalogue, {}, "fresh", True, 0.5)
+        (folder / "fresh.safetensors").write_bytes(a.read_bytes())
+        with pytest.raises(ImgloraError, match="changed on disk since the folder was listed"):
+            run(session, blend)
+    finally:
+        for path in made:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        catalogue.scan()
+
+
+def test_heavy_requests_are_refused_before_they_wait_for_the_model(session):
+    from ui.tabs.compare import run_grid
+
+    limits = session.limits
+    for kw, message in ((dict(steps=limits.steps + 1), f"use 1 to {limits.steps} steps"),
+                        (dict(width=limits.side + 8), f"multiple of 8 from 16 to {limits.side}"),
+                        (dict(batch=limits.images + 1), f"use 1 to {limits.images}"),
+                        (dict(batch=limits.images, width=1024, height=1024), "megapixels in one batch, over the limit")):
+        with pytest.raises(ImgloraError, match=message):
+            run(session, {}, **kw)
+    with pytest.raises(ImgloraError, match="9 cells of 1024x1024 is 9.4 megapixels"):
+        run_grid(session, {}, "x", x_name="style_a", x_values="0, 1, 2", y_name="style_b", y_values="0, 1, 2",
+                 **{**SETTINGS, "width": 1024, "height": 1024})
+    assert "100 steps, 1536 px a side, 8 images and 8 megapixels" in limits.text()
+
+
+@pytest.fixture
+def slow_steps(session):
+    """Every UNet call (one per step) takes at least 0.1 s; yields the list of step times."""
+    import time
+
+    times = []
+
+    def slow(module, args):
+        times.append(time.monotonic())
+        time.sleep(0.1)
+    handle = session.pipe.unet.register_forward_pre_hook(slow)
+    yield times
+    handle.remove()
+
+
+def test_a_generation_past_the_time_limit_is_stopped_and_saves_nothing(session, slow_steps):
+    import time
+
+    from ui.session import Job, Stopped
+
+    before, seconds = outputs_now(session), session.limits.seconds
+    session.limits.seconds = 0.5
+    reports = []
+    try:
+        start = time.monotonic()
+        with pytest.raises(Stopped, match=r"stopped at step \d+/40: this request needs about \d+ s, over the limit"):
+            run(session, {}, steps=40, job=Job(report=lambda *r: reports.append(r)))
+        assert time.monotonic() - start < 2 and len(slow_steps) < 8  # stopped by its pace, not after 40 steps
+    finally:
+        session.limits.seconds = seconds
+    assert outputs_now(session) == before
+    assert reports[0][1:] == (0, 40) and any("s left" in text for text, _, _ in reports)
+    run(session, {})  # the model is free again
+
+
+def test_interrupt_stops_a_running_generation_at_the_next_step(session, slow_steps):
+    import threading
+
+    from ui.session import Job, Stopped
+
+    job = Job("someone")
+    stopper = threading.Thread(target=lambda: (_wait_for(lambda: len(slow_steps) >= 3),
+                                               session.turns.interrupt("someone")))
+    stopper.start()
+    with pytest.raises(Stopped, match=r"interrupted at step [34] of 30"):
+        run(session, {}, steps=30, job=job)
+    stopper.join()
+    assert session.turns.interrupt("someone") == 0  # nothing of theirs is left running or waiting
+
+
+def _wait_for(condition, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_users_take_turns_round_robin_and_each_may_queue_only_a_few():
+    """User A holds the model with a pile of requests behind; B's one request goes next, not last."""
+    import threading
+
+    from ui.session import Job, Stopped, Turns
+
+    turns, order, gate, errors = Turns(per_user=2), [], threading.Event(), []
+
+    def request(user, tag, hold=False):
+        try:
+            with turns.turn(Job(user)):
+                order.append(tag)
+                if hold:
+                    gate.wait(10)
+        except (ImgloraError, Stopped) as e:
+            errors.append((tag, str(e)))
+
+    threads = []
+    for user, tag in (("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("A", "a4"), ("C", "c1")):
+        threads.append(threading.Thread(target=request, args=(user, tag, tag == "a1")))
+        threads[-1].start()
+        _wait_for(lambda: order == ["a1"] and len(turns._waiting) + len(errors) == len(threads) - 1)
+    assert errors == [("a4", "you already have 2 requests waiting for the model — wait for them to finish, "
+                              "or press Interrupt")]
+    assert turns.interrupt("C") == 1  # a waiting request leaves the queue at once
+    _wait_for(lambda: len(errors) == 2)
+    assert errors[1] == ("c1", "interrupted while waiting for its turn — nothing was saved")
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["a1", "b1", "a2", "a3"]
+
+
+def test_png_info_reads_the_parameters_and_they_make_the_same_image(session, tmp_path):
+    from ui.blend import set_adapter
+    from ui.pnginfo import parse_parameters, read_parameters
+    from ui.tabs.generate import send_to_generate
+
+    blend = set_adapter(session.catalogue, {}, "style_a", True, 0.6, -0.3)
+    items, _, _ = run(session, blend, prompt="a red circle, <lora:style_b:0.4>", negative="blurry", seed=5, batch=2)
+    text = read_parameters(items[1][0])
+    assert parse_parameters(text)["Seed"] == "6" and parse_parameters(text)["negative"] == "blurry"
+    settings, new, message = send_to_generate(session, {"style_b": {"on": True, "weight": 1.0}}, text)
+    assert settings == {"prompt": "a red circle", "negative": "blurry", "steps": 2, "guidance": 3.0, "seed": 6,
+                        "width": 32, "height": 32, "scheduler": "model default"}
+    assert {n: (v["weight"], v["te"]) for n, v in new.items()} == {"style_a": (0.6, -0.3), "style_b": (0.4, None)}
+    assert "replaced by the image's" in message
+    again, _, _ = run(session, new, **{k: v for k, v in settings.items() if k != "scheduler"})
+    assert same_image(again[0][0], items[1][0], tol=0)
+
+    # A1111's text, with an adapter this folder lacks and a sampler it does not have.
+    a1111 = ("masterpiece, <lora:missing_style:0.8> cat\nNegative prompt: ugly\nSteps: 28, Sampler: DPM++ SDE, "
+             'Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 512x768, Model hash: abc, Lora hashes: "x: 1, y: 2"')
+    settings, new, message = send_to_generate(session, {}, a1111)
+    assert settings["prompt"] == "masterpiece, cat" and (settings["width"], settings["height"]) == (512, 768)
+    assert new == {} and "missing_style (not usable here)" in message and "Sampler 'DPM++ SDE'" in message
+    assert parse_parameters(a1111)["Lora hashes"] == "x: 1, y: 2"
+
+    (tmp_path / "fake.png").write_bytes(b"<html>not a png</html>")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png", format="JPEG")
+    for name in ("fake.png", "photo.png"):
+        with pytest.raises(ImgloraError, match="not a PNG image"):
+            read_parameters(tmp_path / name)
+    with pytest.raises(ImgloraError, match="no generation parameters"):
+        send_to_generate(session, {}, "")

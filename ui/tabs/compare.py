@@ -14,11 +14,11 @@ from imglora.errors import ImgloraError
 from imglora.generate import GenerateArgs, generate, image_grid, parameters_text
 from imglora.lora.state import Blend
 
-from ..blend import WEIGHT_LIMIT, active_weights, parse_prompt
+from ..blend import WEIGHT_LIMIT, active_weights, parse_prompt, pins
 from ..catalogue import check_name
-from ..messages import in_page
-from ..session import Session
-from .generate import check_settings
+from ..messages import on_pipeline
+from ..session import Job, Session
+from .generate import PIPELINE, check_images, check_settings
 
 
 def parse_values(text: str, what: str) -> list[float]:
@@ -49,9 +49,9 @@ def grid_blends(base: Blend, x_name: str, xs: list[float], y_name: str | None, y
 
 def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = "", steps=20, guidance=7.5, seed=0,
              width=512, height=512, scheduler: str = "model default", x_name: str = "", x_values: str = "0, 0.5, 1",
-             y_name: str | None = "", y_values: str = ""):
+             y_name: str | None = "", y_values: str = "", job: Job | None = None):
     """Returns (grid PNG path, cells [(image, label)], notes)."""
-    steps, guidance, width, height, seed = check_settings(steps, guidance, width, height, seed)
+    steps, guidance, width, height, seed = check_settings(steps, guidance, width, height, seed, session.limits)
     if not x_name:
         raise ImgloraError("no X adapter chosen", "choose the adapter whose weight the grid sweeps")
     x_name = check_name(x_name)
@@ -63,12 +63,15 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
     if len(xs) * max(1, len(ys)) > session.max_grid:
         raise ImgloraError(f"{len(xs) * max(1, len(ys))} cells is more than {session.max_grid}",
                            "use fewer values (every cell is one image of the batch)")
+    check_images(len(xs) * max(1, len(ys)), width, height, session.limits, what="cells")
     text, prompt_loras = parse_prompt(prompt)
     base = active_weights(session.catalogue, blend, prompt_loras)
     swept = Blend({**{n: 0.0 for n in (x_name, y_name) if n}, **base.weights}, base.te_weights)
     rows = grid_blends(base, x_name, xs, y_name, ys)
     args = GenerateArgs(text, negative or "", seed, steps, guidance, width, height, blends=rows)
-    with session.using(swept, scheduler=scheduler, sample_rows=True) as model:
+    job = job or Job()
+    job.steps = steps
+    with session.using(swept, scheduler=scheduler, sample_rows=True, pins=pins(blend), job=job) as model:
         images = generate(model, args, session.adapters)
         params = parameters_text(model, args, seed, blend=base)
     labels = [f"{x_name} {r[x_name]:g}" for r in rows]
@@ -85,6 +88,11 @@ def run_grid(session: Session, blend: dict | None, prompt: str, negative: str = 
     return str(path), cells, notes
 
 
+def _grid_for_page(session: Session, *inputs, job: Job):
+    path, cells, notes = run_grid(session, *inputs, job=job)
+    return session.shown(path), cells, notes
+
+
 def create_ui(session: Session, blend: gr.State, gen: dict):
     gr.Markdown("The current blend is the base of every cell; the chosen adapters' weights are swept. "
                 "All cells use the prompt, settings and seed of the Generate tab.")
@@ -97,10 +105,10 @@ def create_ui(session: Session, blend: gr.State, gen: dict):
         y_values = gr.Textbox("", label="Y weights", elem_id="grid-y-values")
     go = gr.Button("Render grid", variant="primary", elem_id="render-grid")
     grid = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid-image")
-    notes = gr.Markdown(elem_id="grid-notes")
+    notes = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="grid-notes")
     cells = gr.Gallery(label="Cells", format="png", columns=6, elem_id="grid-cells")
     inputs = [blend, gen["prompt"], gen["negative"], gen["steps"], gen["guidance"], gen["seed"], gen["width"],
               gen["height"], gen["scheduler"], x_name, x_values, y_name, y_values]
-    go.click(in_page(partial(run_grid, session)), inputs, [grid, cells, notes], api_name="grid",
-             concurrency_id="pipeline", concurrency_limit=1)
+    go.click(on_pipeline(partial(_grid_for_page, session)), inputs, [grid, cells, notes], api_name="grid",
+             show_progress_on=[notes], **PIPELINE)
     return {"x_name": x_name, "y_name": y_name}

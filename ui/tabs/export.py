@@ -13,10 +13,11 @@ from imglora.lora.state import Adapter
 from imglora.ops.bake import save_baked
 from imglora.ops.merge import merge
 
-from ..blend import active_weights
+from ..blend import active_weights, pins
 from ..catalogue import check_name
-from ..messages import in_page
-from ..session import Session
+from ..messages import in_page, on_pipeline
+from ..session import Job, Session
+from .generate import PIPELINE
 
 
 def _parts(adapter: Adapter, weight: float, te_weight: float | None) -> list[tuple[Adapter, float]]:
@@ -75,13 +76,13 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
     return f"Saved {target.name} to the adapters folder: {len(merged.modules)} modules, rank {ranks}, {how}."
 
 
-def bake_model(session: Session, blend: dict | None, name: str) -> str:
+def bake_model(session: Session, blend: dict | None, name: str, job: Job | None = None) -> str:
     """Fold the blend into the base weights and save the pipeline as `<outputs>/models/<name>` (diffusers)."""
     name, weights = _named_blend(session, blend, name)
     target = session.outputs / "models" / name
     if target.exists():
         raise ImgloraError("already exists", "choose another name", path=target)
-    with session.using(weights, merge=True):
+    with session.using(weights, merge=True, pins=pins(blend), job=job):
         try:
             save_baked(session.model, session.adapters, target)
         finally:
@@ -102,8 +103,8 @@ def create_ui(session: Session, blend: gr.State, catalogue_changed):
     with gr.Row():
         model_name = gr.Textbox(label="Model folder name", placeholder="my_model", elem_id="bake-name")
         bake = gr.Button("Bake blend into the base model", elem_id="bake")
-    status = gr.Markdown(elem_id="export-status")
+    status = gr.Textbox(show_label=False, interactive=False, container=False, elem_id="export-status")
     save.click(in_page(partial(export_adapter, session)), [blend, name, method, rank, fmt], status,
                api_name="export_adapter").then(**catalogue_changed)
-    bake.click(in_page(partial(bake_model, session)), [blend, model_name], status, api_name="bake",
-               concurrency_id="pipeline", concurrency_limit=1)
+    bake.click(on_pipeline(partial(bake_model, session)), [blend, model_name], status, api_name="bake",
+               **PIPELINE)
