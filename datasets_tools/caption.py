@@ -54,7 +54,7 @@ def plan(root, edits: Edits, extension: str = ".txt") -> tuple[list[tuple[Path, 
     check_fallback(edits.create_missing)
     if not extension.startswith(".") or "/" in extension:
         raise ImgloraError(f"--extension {extension!r}", "use e.g. --extension .txt")
-    found = walk(root)
+    found = walk(root, contained=True)  # a linked folder elsewhere (another dataset) is never rewritten
     in_jsonl = metadata_captions(found.metadata)
     changes, skipped_jsonl = [], 0
     for image in found.images:

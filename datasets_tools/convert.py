@@ -24,7 +24,7 @@ from .resize import refuse_inside
 def captions_of(root: Path) -> tuple[list[tuple[Path, str, int]], list[str]]:
     """[(image, caption, repeats)] from every source, kohya folders captioned by name; notes on the rest."""
     out, missing, notes = [], 0, []
-    for item in collect_items(root, log=notes.append):
+    for item in collect_items(root, log=notes.append, contained=True):
         caption = item.caption
         if caption is None and item.problem in ("missing caption", "empty caption"):
             in_kohya = any(repeat_folder(p)[0] for p in item.image.parent.relative_to(root.parent).parts)

@@ -42,9 +42,10 @@ class Walk:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (folder, why): symlink loops, unreadable
 
 
-def walk(root) -> Walk:
+def walk(root, contained: bool = False) -> Walk:
     """Every file under root in sorted order (hidden files and folders left out). Symlinked folders
-    are followed, each real folder once, so a link back up the tree cannot loop."""
+    are followed, each real folder once, so a link back up the tree cannot loop. contained: a linked
+    folder that lies outside root is skipped (with its reason), for tools that write beside the images."""
     root = Path(root)
     if not root.is_dir():
         raise ImgloraError("no such folder", "pass the folder of training images", path=root)
@@ -54,8 +55,13 @@ def walk(root) -> Walk:
     def unreadable(e: OSError):
         out.skipped.append((Path(e.filename), f"unreadable folder ({e.strerror})"))
 
+    top = os.path.realpath(root).rstrip(os.sep) + os.sep
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
+        if contained and not (real + os.sep).startswith(top):
+            out.skipped.append((Path(dirpath), f"links outside the folder ({real}); left unchanged"))
+            dirnames[:] = []
+            continue
         if real in seen:
             ancestor = os.path.realpath(os.path.dirname(dirpath))
             loop = ancestor == real or ancestor.startswith(real.rstrip(os.sep) + os.sep)
@@ -204,12 +210,13 @@ def sidecar(image: Path, caption_extensions=CAPTION_EXTENSIONS) -> Path | None:
 
 
 def collect_items(root, caption_extensions=CAPTION_EXTENSIONS, fallback: str | None = None,
-                  prefix: str | None = None, log: Callable[[str], None] | None = print_note) -> list[Item]:
+                  prefix: str | None = None, log: Callable[[str], None] | None = print_note,
+                  contained: bool = False) -> list[Item]:
     """Every image under `root` with its caption and repeats, in a fixed (sorted) order. `log` gets
-    folder_notes (repeat folders and skipped folders); None: silent."""
+    folder_notes (repeat folders and skipped folders); None: silent. contained: as in walk()."""
     root = Path(root)
     check_fallback(fallback)
-    found = walk(root)
+    found = walk(root, contained)
     for note in folder_notes(root, found) if log else []:
         log(note)
     jsonl = metadata_captions(found.metadata)

@@ -256,3 +256,19 @@ def test_a_missing_folder_is_one_line(tmp_path, capsys, command):
     extra = {"resize": [str(tmp_path / "o")], "convert": ["--to", "jsonl"], "caption": ["--dedupe"]}[command]
     assert main([command, str(tmp_path / "nope"), *extra]) == 2
     one_line_error(capsys, "no such folder")
+
+
+def test_caption_and_convert_never_write_through_a_link_to_another_folder(tmp_path, capsys):
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for d in (mine, other):
+        d.mkdir()
+        for i in range(2):
+            shape(seed=i).save(d / f"{i}.png")
+            (d / f"{i}.txt").write_text("a red circle")
+    os.symlink(other, mine / "linked")
+    before = tree_hash(other)
+    assert main(["caption", str(mine), "--trigger", "zorbly"]) == 0
+    said = capsys.readouterr()
+    assert "linked: skipped, links outside the folder" in said.out + said.err
+    assert tree_hash(other) == before  # the other dataset's captions are untouched
+    assert (mine / "0.txt").read_text().startswith("zorbly")
