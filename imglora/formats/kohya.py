@@ -142,7 +142,7 @@ _LORA_ALIASES = (
 )
 # Every tensor name a module may have after its name and a dot, longest first (so diff_b is not read as diff).
 _SUFFIXES = sorted(set().union(*KIND_SUFFIXES.values(), SHARED_SUFFIXES), key=len, reverse=True)
-_UNSUPPORTED = {"oft_": "OFT", "w_norm": "norm-layer", "b_norm": "norm-layer", "glora_": "GLoRA"}
+_UNSUPPORTED = {"oft_": "OFT/BOFT", "glora_": "GLoRA", ".on_input": "(IA)³"}
 
 
 def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

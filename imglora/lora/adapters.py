@@ -14,7 +14,7 @@ from torch import nn
 
 from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
 from .kinds import kind_for
-from .layer import LoraLayer
+from .layer import LoraLayer, NormLayer
 from .state import COMPONENTS, Adapter, Blend, LoraModule, split_component
 
 NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # also the app's rule for names in requests
@@ -107,8 +107,14 @@ class Adapters:
         except AttributeError:
             raise AdapterError(f"module {key} does not exist in this model") from None
         base = base.base if isinstance(base, LoraLayer) else base
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        norm = isinstance(base, NormLayer.NORMS)
+        if norm != (getattr(module, "kind", None) == "norm"):
+            what = "a norm layer" if norm else f"a {type(base).__name__}"
+            raise AdapterError(f"module {key} is {what}, which a {getattr(module, 'kind', '?')} adapter cannot change")
+        if not norm and not isinstance(base, (nn.Linear, nn.Conv2d)):
             raise AdapterError(f"module {key} is a {type(base).__name__}, not a Linear or Conv2d")
+        if base.weight is None:
+            raise AdapterError(f"module {key} has no weight to change")
         try:
             why = kind_for(module).misfit(module, base.weight)
         except TypeError as e:

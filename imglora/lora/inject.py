@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layer import LoraLayer
+from .layer import LoraLayer, NormLayer
 from .state import CLIP_ROOT
 
 UNET_PRESETS = ("cross-attn", "attn", "transformer", "conv")
@@ -76,9 +76,12 @@ def wrap(root: nn.Module, path: str) -> LoraLayer:
     module = find(root, path)
     if isinstance(module, LoraLayer):
         return module
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"{path} is a {type(module).__name__}, not a Linear or Conv2d")
-    layer = LoraLayer(module)
+    if isinstance(module, NormLayer.NORMS):
+        layer = NormLayer(module)
+    elif isinstance(module, (nn.Linear, nn.Conv2d)):
+        layer = LoraLayer(module)
+    else:
+        raise ValueError(f"{path} is a {type(module).__name__}, not a Linear, Conv2d or norm layer")
     put_back(root, path, layer)
     return layer
 

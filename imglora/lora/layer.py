@@ -339,3 +339,61 @@ class LoraLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return self._backup is not None
+
+
+class NormLayer(LoraLayer):
+    """A LayerNorm or GroupNorm whose weight and bias take weighted deltas (LyCORIS's norm kinds): the
+    blend, enable, per-sample weights and exact merging work as for LoraLayer."""
+
+    NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+    def _norm(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        b = self.base
+        if isinstance(b, nn.LayerNorm):
+            return F.layer_norm(x, b.normalized_shape, weight, bias, b.eps)
+        return F.group_norm(x, b.num_groups, weight, bias, b.eps)
+
+    def _deltas_of(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(names), C) weight and bias deltas at weight 1."""
+        w0 = self._base_weight()
+        ws = [self.adapters[n].delta(w0).to(w0.dtype) for n in names]
+        bs = [self.adapters[n].bias_delta() for n in names]
+        bs = [torch.zeros_like(w0) if b is None else b.to(w0.dtype) for b in bs]
+        return torch.stack(ws), torch.stack(bs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        names = self.active()
+        if self._backup is not None or not names:
+            return self.base(x)
+        w0 = self.base.weight
+        b0 = self.base.bias if self.base.bias is not None else torch.zeros_like(w0)
+        dw, db = self._deltas_of(names)
+        if self.sample_weights is None:
+            s = torch.tensor([self.weights[n] for n in names], dtype=w0.dtype, device=w0.device)
+            return self._norm(x, w0 + s @ dw, b0 + s @ db)
+        table = self._sample_table(names).to(w0.device, w0.dtype)  # (samples, adapters)
+        n = table.shape[0]
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {n} per-sample weights")
+        W, B = (w0 + table @ dw).repeat(x.shape[0] // n, 1), (b0 + table @ db).repeat(x.shape[0] // n, 1)
+        view = (-1, *[1] * (x.dim() - 2), W.shape[1]) if isinstance(self.base, nn.LayerNorm) else \
+            (-1, W.shape[1], *[1] * (x.dim() - 2))
+        return self._norm(x, None, None) * W.view(view) + B.view(view)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.sample_weights is not None:
+            raise ValueError("per-sample weights cannot be merged into the base weights")
+        if self._backup is None:
+            self._backup = self.base.weight.detach().clone()
+            self._bias_backup = None if self.base.bias is None else self.base.bias.detach().clone()
+        names = self.active()
+        self.base.weight.copy_(self._backup)
+        if self._bias_backup is not None:
+            self.base.bias.copy_(self._bias_backup)
+        if names:
+            dw, db = self._deltas_of(names)
+            s = torch.tensor([self.weights[n] for n in names], dtype=dw.dtype, device=dw.device)
+            self.base.weight.add_(s @ dw)
+            if self._bias_backup is not None:
+                self.base.bias.add_(s @ db)

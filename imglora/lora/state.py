@@ -246,17 +246,44 @@ class FullModule(Module):
         return None if self.diff_b is None else self.diff_b.float()
 
 
+@dataclass(eq=False)
+class NormModule(Module):
+    """A norm layer's weight and bias difference (LyCORIS's train_norm: `w_norm`, `b_norm`)."""
+
+    w_norm: torch.Tensor | None = None
+    b_norm: torch.Tensor | None = None
+    kind = "norm"
+    NAMES = {"w_norm": "w_norm", "b_norm": "b_norm"}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        return cls(**{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+    def raw_delta(self, shape=None) -> torch.Tensor:
+        if self.w_norm is None:
+            return torch.zeros(shape if shape is not None else self.b_norm.shape, device=self.b_norm.device)
+        d = self.w_norm.float()
+        return d if shape is None else d.reshape(shape)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.b_norm is None else self.b_norm.float()
+
+
 # Which kind a module is, by the tensor names a file gives it (after the module name and a dot).
 KIND_SUFFIXES = {
     LohaModule: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
     LokrModule: {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
     FullModule: {"diff", "diff_b"},
+    NormModule: {"w_norm", "b_norm"},
     LoraModule: {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
 }
 SHARED_SUFFIXES = {"alpha", "dora_scale"}
 REQUIRED = {LohaModule: ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
             LokrModule: ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
-            FullModule: ({"diff"},), LoraModule: ({"lora_down.weight", "lora_up.weight"},)}
+            FullModule: ({"diff"},), NormModule: ({"w_norm"}, {"b_norm"}), LoraModule: ({"lora_down.weight", "lora_up.weight"},)}
 
 
 def module_from_parts(name: str, parts: dict[str, torch.Tensor]) -> Module:
@@ -265,7 +292,7 @@ def module_from_parts(name: str, parts: dict[str, torch.Tensor]) -> Module:
     kinds = [cls for cls, names in KIND_SUFFIXES.items() if names & parts.keys()]
     stray = parts.keys() - SHARED_SUFFIXES - set().union(*KIND_SUFFIXES.values())
     if stray:
-        raise ValueError(f"unknown tensor {name}.{sorted(stray)[0]} (not a LoRA, LoHa, LoKr or full-delta key)")
+        raise ValueError(f"unknown tensor {name}.{sorted(stray)[0]} (not a LoRA, LoHa, LoKr, full or norm key)")
     if len(kinds) != 1:
         raise ValueError(f"module {name} has " + ("no weights, only " + ", ".join(sorted(parts)) if not kinds else
                                                   "tensors of several kinds: " + ", ".join(sorted(parts))))

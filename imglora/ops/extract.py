@@ -44,6 +44,9 @@ def to_lora(adapter: Adapter, rank: int, base_weights: dict[str, torch.Tensor],
         if key not in base_weights:
             raise ValueError(f"module {key} does not exist in this model")
         weight = base_weights[key]
+        if m.kind == "norm":
+            notes.append(f"{key}: a norm layer's change (w_norm/b_norm) cannot be a LoRA and is left out")
+            continue
         delta = m.delta(weight).reshape(weight.shape)
         if m.bias_delta() is not None:
             notes.append(f"{key}: its bias change (diff_b) cannot be a LoRA and is left out")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.state import Adapter, FullModule, LoraModule
+from ..lora.state import Adapter, FullModule, LoraModule, NormModule
 from .resize import Energy, resize
 
 
@@ -69,7 +69,11 @@ def merge_kinds(parts: list[tuple[Adapter, float]], base_weights: dict[str, torc
             raise ValueError(f"module {key} does not exist in this model")
         w0 = base_weights[key]
         delta = sum(w * a.modules[key].delta(w0).reshape(w0.shape) for a, w in parts if key in a.modules)
-        if rank is None:
+        if w0.dim() == 1:  # a norm layer: its weight and bias changes add up as they are
+            biases = [w * a.modules[key].bias_delta() for a, w in parts
+                      if key in a.modules and a.modules[key].bias_delta() is not None]
+            modules[key] = NormModule(delta.float(), sum(biases) if biases else None)
+        elif rank is None:
             modules[key] = FullModule(delta.float())
         else:
             modules[key], *kept[key] = lora_from_delta(delta, rank)

@@ -67,7 +67,7 @@ def _bad_files(tmp_path):
         ("loha_partial", {f"{NAME}.hada_w1_a": torch.randn(2, 2)}, "lacks its hada_w1_b weight"),
         ("mixed_kinds", {**good_tensors(), f"{NAME}.hada_w1_a": torch.randn(2, 2)}, "tensors of several kinds"),
         ("stray_key", {**good_tensors(), f"{NAME}.lora_side.weight": torch.randn(2, 2)}, "unrecognised key"),
-        ("oft", {f"{NAME}.oft_blocks": torch.randn(4, 2, 2)}, "OFT adapters are not supported"),
+        ("oft", {f"{NAME}.oft_blocks": torch.randn(4, 2, 2)}, "OFT/BOFT adapters are not supported"),
         ("loha_shapes", {f"{NAME}.hada_w1_a": torch.randn(16, 2), f"{NAME}.hada_w1_b": torch.randn(2, 32),
                          f"{NAME}.hada_w2_a": torch.randn(16, 2), f"{NAME}.hada_w2_b": torch.randn(3, 32)},
          "its loha tensors do not fit together"),

@@ -33,6 +33,7 @@ CASES = {  # id: (arch, algo, LyCORIS network kwargs, kinds imglora must see)
     "dora-locon": ("sd1", "locon", {"dora_wd": True}, {"lora+dora"}),
     "dora-loha": ("sd1", "loha", {"dora_wd": True}, {"loha+dora"}),
     "full": ("sd1", "full", {}, {"full"}),
+    "locon-norms": ("sd1", "locon", {"train_norm": True}, {"lora", "norm"}),
     "loha-sdxl": ("sdxl", "loha", {"preset": "attn-mlp"}, {"loha"}),
     "lokr-sdxl": ("sdxl", "lokr", {"preset": "attn-mlp", "factor": 4}, {"lokr"}),
 }
@@ -127,11 +128,12 @@ def test_a_blend_of_mixed_kinds_is_the_base_plus_the_weighted_deltas(make_pipe, 
     lpb = pipe.unet.config.layers_per_block
     files = {name: lycoris_file(pipe, algo, kw, tmp_path / f"{name}.safetensors", seed=i)[1]
              for i, (name, algo, kw) in enumerate([("lo", "locon", {}), ("ha", "loha", {}), ("kr", "lokr", {}),
-                                                   ("do", "locon", {"dora_wd": True})])}
+                                                   ("do", "locon", {"dora_wd": True}),
+                                                   ("nm", "locon", {"train_norm": True})])}
     adapters = Adapters(pipe)
     for name, path in files.items():
         adapters.load(name, load_adapter(path, lpb)[0])
-    weights = {"lo": 0.7, "ha": -0.5, "kr": 1.3, "do": 0.4}
+    weights = {"lo": 0.7, "ha": -0.5, "kr": 1.3, "do": 0.4, "nm": 0.6}
     for name, w in weights.items():
         adapters.set_weight(name, w)
     for key, layer in adapters.layers.items():
@@ -140,7 +142,7 @@ def test_a_blend_of_mixed_kinds_is_the_base_plus_the_weighted_deltas(make_pipe, 
         torch.testing.assert_close(layer.delta(), want)
     blended = outputs(pipe)
     # Per-sample weights: one batch of two blends equals the two blends rendered apart.
-    rows = [weights, {"lo": 0.0, "ha": 1.0, "kr": 0.0, "do": 1.0}]
+    rows = [weights, {"lo": 0.0, "ha": 1.0, "kr": 0.0, "do": 1.0, "nm": -0.5}]
     adapters.set_sample_weights(rows)
     g = torch.Generator().manual_seed(1)
     x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
