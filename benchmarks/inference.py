@@ -22,6 +22,15 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+def memory_mb(device) -> float:
+    """What load/unload cycles must keep flat: CUDA memory in use, or the process's RSS after a heap trim."""
+    gc.collect()
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2 ** 20
+    trim_heap()
+    return rss_mb()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,19 +132,12 @@ def bench_inference(unet, device, dtype, size: int, batch: int = 1, counts=(1, 2
     ours.remove_all()
 
     # Memory: load, switch weights and unload adapters many times; RSS (or CUDA memory) must stay flat.
-    def memory():
-        gc.collect()
-        if device.type == "cuda":
-            return torch.cuda.memory_allocated() / 2 ** 20
-        trim_heap()
-        return rss_mb()
-
     for _ in range(3):
         _cycle(ours, adapters[:2], dtype)
-    start = memory()
+    start = memory_mb(device)
     for _ in range(cycles):
         _cycle(ours, adapters[:2], dtype)
-    results["memory_growth_pct"] = 100 * (memory() - start) / start
+    results["memory_growth_pct"] = 100 * (memory_mb(device) - start) / start
     log(f"ours: {results}")
     if with_peft:
         results.update(bench_peft(unet, keys, adapters, counts, call, device, reps, calls))
@@ -192,13 +194,6 @@ def bench_mixed(unet, device, dtype, size: int, rank: int = 16, reps: int = 3, c
     results = {k: statistics.median(v) for k, v in ratios.items()}
     ours.remove_all()
 
-    def memory():
-        gc.collect()
-        if device.type == "cuda":
-            return torch.cuda.memory_allocated() / 2 ** 20
-        trim_heap()
-        return rss_mb()
-
     def cycle():
         load_all()
         ours.set_weight("lokr", 0.8)
@@ -209,10 +204,10 @@ def bench_mixed(unet, device, dtype, size: int, rank: int = 16, reps: int = 3, c
 
     for _ in range(3):
         cycle()
-    start = memory()
+    start = memory_mb(device)
     for _ in range(cycles):
         cycle()
-    results["mixed_memory_growth_pct"] = 100 * (memory() - start) / start
+    results["mixed_memory_growth_pct"] = 100 * (memory_mb(device) - start) / start
     log(f"mixed kinds: {results}")
     return results
 

@@ -30,14 +30,15 @@ class Module:
     the merged weight W0 + ΔW to that norm (per output row, or per input column)."""
 
     kind = "?"
+    NAMES = {}  # dataclass field -> the tensor's name in files (kinds without an alpha use these as they are)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """{suffix: tensor} as kohya/LyCORIS files write them (alpha as a float32 scalar)."""
-        raise NotImplementedError
+        return {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
 
     @classmethod
     def from_tensors(cls, parts: dict[str, torch.Tensor]) -> "Module":
-        raise NotImplementedError
+        return cls(**{f: parts.get(name) for f, name in cls.NAMES.items()})
 
     def raw_delta(self, shape) -> torch.Tensor:
         """ΔW at strength 1 before DoRA, in float32, with the base weight's shape."""
@@ -150,8 +151,7 @@ class LohaModule(Module):
         return self.w1b.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
-        return {**out, "alpha": torch.tensor(float(self.alpha))}
+        return {**super().tensors(), "alpha": torch.tensor(float(self.alpha))}
 
     @classmethod
     def from_tensors(cls, parts):
@@ -198,7 +198,7 @@ class LokrModule(Module):
         return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
+        out = super().tensors()
         return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
 
     @classmethod
@@ -231,13 +231,6 @@ class FullModule(Module):
     kind = "full"
     NAMES = {"diff": "diff", "diff_b": "diff_b", "dora_scale": "dora_scale"}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
-
-    @classmethod
-    def from_tensors(cls, parts):
-        return cls(**{f: parts.get(name) for f, name in cls.NAMES.items()})
-
     def raw_delta(self, shape=None) -> torch.Tensor:
         d = self.diff.float()
         return d if shape is None else d.reshape(shape)
@@ -254,13 +247,6 @@ class NormModule(Module):
     b_norm: torch.Tensor | None = None
     kind = "norm"
     NAMES = {"w_norm": "w_norm", "b_norm": "b_norm"}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f) for f, name in self.NAMES.items() if getattr(self, f) is not None}
-
-    @classmethod
-    def from_tensors(cls, parts):
-        return cls(**{f: parts.get(name) for f, name in cls.NAMES.items()})
 
     def raw_delta(self, shape=None) -> torch.Tensor:
         if self.w_norm is None:

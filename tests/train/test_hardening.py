@@ -16,15 +16,6 @@ from imglora.synthetic.shapes import synth_shapes
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from imglora.models.tiny import tiny_sd_pipeline
-
-    d = tmp_path_factory.mktemp("model")
-    tiny_sd_pipeline(d / "tok").save_pretrained(d / "sd1")
-    return d / "sd1"
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("shapes")
     synth_shapes(d, 4, seed=1, size=32)

@@ -23,15 +23,6 @@ FAST = train_flags()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from imglora.models.tiny import tiny_sd_pipeline
-
-    d = tmp_path_factory.mktemp("model")
-    tiny_sd_pipeline(d / "tok").save_pretrained(d / "sd1")
-    return d / "sd1"
-
-
-@pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     d = tmp_path_factory.mktemp("shapes")
     synth_shapes(d, 12, seed=1, size=32)
