@@ -49,6 +49,13 @@ def run_command(prog: str, func, args) -> int:
             raise
         print(f"{prog}: {e.line()}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only folder, a full disk, a path through a file: the system's reason, one line
+        if getattr(args, "debug", False):
+            raise
+        where = f"{shown(e.filename)}: " if e.filename else ""
+        print(f"{prog}: {where}{escaped(e.strerror or str(e))} — check the path, its permissions and free space "
+              "(--debug shows the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -202,3 +202,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_an_os_error_is_one_line_with_the_path(model_dir, data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "run"  # a folder inside a file cannot be made
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--steps", "1",
+                 *train_flags()]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "a-file" in err and "Not a directory" in err
+    assert "Traceback" not in err
