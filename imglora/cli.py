@@ -187,7 +187,8 @@ def _save_dtype(adapter, precision: str, path: str):
 
 def _model_weights(args, adapters_of: list, path: str):
     """The weights of --model (default: the embedded model) under these adapters' modules, after checking
-    that the adapters were made for it: DoRA's ΔW depends on them and LoHa/LoKr store conv kernels flat."""
+    that the adapters were made for it: the ΔW of DoRA, OFT, (IA)³ and GLoRA depends on them, and LoHa/LoKr
+    store conv kernels flat."""
     from .formats.detect import check_arch
     from .ops.extract import weights_of
     from .pipeline import load_model
@@ -243,7 +244,7 @@ def merge_command(args) -> None:
 
     _refuse_existing(args.output, args.overwrite)
     parts = [(load_adapter(p)[0], w) for p, w in args.inputs]
-    if any(not_plain_lora(a) for a, _ in parts):  # LoHa, LoKr, DoRA, full: blended through their ΔW
+    if any(not_plain_lora(a) for a, _ in parts):  # any other kind: blended through its ΔW
         try:
             merged, energy = merge_kinds(parts, _model_weights(args, [a for a, _ in parts], args.inputs[0][0]),
                                          args.rank)
@@ -417,11 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="adapter file to read (any format and kind imglora reads)")
     c.add_argument("output", help="adapter file to write")
     c.add_argument("--to", choices=["kohya", "diffusers", "lora"], type=out_format, required=True,
-                   help=FORMAT_HELP + "; lora: LoHa/LoKr/DoRA/full as a plain kohya LoRA of --rank by SVD of each "
-                        "ΔW (the energy kept is reported), which diffusers' load_lora_weights reads")
+                   help=FORMAT_HELP + "; lora: any other kind (LoHa, LoKr, DoRA, OFT, (IA)³, GLoRA, full) as a plain "
+                        "kohya LoRA of --rank by SVD of each ΔW (the energy kept is reported), which diffusers' "
+                        "load_lora_weights reads")
     c.add_argument("--rank", type=at_least(1), help="with --to lora: the rank to write")
-    model_options(c, "with --to lora: the base model the adapter was made for (its weights give DoRA's norms "
-                     "and each ΔW's shape; default: the embedded model)")
+    model_options(c, "with --to lora: the base model the adapter was made for (DoRA, OFT, (IA)³ and GLoRA "
+                     "transform its weights; they also give each ΔW's shape; default: the embedded model)")
     c.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], help="base model, when the file does not say "
                    "(default: the file's)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
@@ -438,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, default="kohya",
                    help=FORMAT_HELP + " (default: %(default)s)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    model_options(m, "for LoHa/LoKr/DoRA/full inputs, blended through their ΔW: the base model they were made "
+    model_options(m, "for inputs other than plain LoRA, blended through their ΔW: the base model they were made "
                      "for (default: the embedded model); without --rank such modules are written as exact full "
                      "deltas")
     save_precision(m)

@@ -27,7 +27,13 @@ _TE_ATTN = {"self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_at
 # The tensor names both loaders read (A1111's network_lora/_hada/_lokr/_full modules, ComfyUI's weight_adapter).
 _TENSORS = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".hada_w1_a",
             ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2", ".lokr_w1", ".lokr_w1_a", ".lokr_w1_b",
-            ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".diff", ".diff_b")
+            ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2", ".diff", ".diff_b", ".w_norm", ".b_norm",
+            ".oft_blocks", ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
+# Read by one of the two only: A1111's network_ia3 ((IA)³; ComfyUI has no such adapter), and ComfyUI's OFT
+# rescale (A1111's network_oft applies the rotation without it).
+_ONE_CLIENT = {".weight": "(IA)³ tensors, which ComfyUI does not read (A1111 does)",
+               ".on_input": "(IA)³ tensors, which ComfyUI does not read (A1111 does)",
+               ".rescale": "OFT rescale tensors, which A1111 ignores (ComfyUI reads them)"}
 
 
 def client_misses(keys: list[str], arch: str) -> list[str]:
@@ -41,7 +47,9 @@ def client_misses(keys: list[str], arch: str) -> list[str]:
     attention: dict[tuple[str, str], set[str]] = {}
     for key in keys:
         module, dot, tensor = key.partition(".")
-        if not dot or f".{tensor}" not in _TENSORS:
+        if dot and f".{tensor}" in _ONE_CLIENT:
+            miss(_ONE_CLIENT[f".{tensor}"], key)
+        elif not dot or f".{tensor}" not in _TENSORS:
             miss("tensor names A1111 and ComfyUI do not read (expected .lora_down.weight, .lora_up.weight, "
                  ".alpha or the LyCORIS names)", key)
         if module.startswith("lora_unet_"):

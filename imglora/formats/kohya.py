@@ -142,16 +142,12 @@ _LORA_ALIASES = (
 )
 # Every tensor name a module may have after its name and a dot, longest first (so diff_b is not read as diff).
 _SUFFIXES = sorted(set().union(*KIND_SUFFIXES.values(), SHARED_SUFFIXES), key=len, reverse=True)
-_UNSUPPORTED = {"oft_": "OFT/BOFT", "glora_": "GLoRA", ".on_input": "(IA)³"}
 
 
 def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {suffix: tensor}}; refuses kinds imglora does not read, naming the key."""
+    """{module name: {suffix: tensor}}; a key that ends in no known tensor name is an error naming it."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        for marker, what in _UNSUPPORTED.items():
-            if marker in key:
-                raise ValueError(f"{what} adapters are not supported (key {key})")
         for alias, suffix in _LORA_ALIASES:
             if key.endswith(alias):
                 name = key[: -len(alias)]
@@ -167,7 +163,7 @@ def _group(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
 
 def _module(name: str, p: dict[str, torch.Tensor]) -> Module:
     m = module_from_parts(name, p)
-    if getattr(m, "alpha", None) == 0:
+    if getattr(m, "alpha", None) == 0 and m.kind not in ("oft", "boft"):  # OFT's alpha is a constraint; 0: none
         # kohya reads 0 as "= rank", ComfyUI/A1111/PEFT as "disabled": refuse to guess (FORMATS.md §2).
         raise ValueError(f"module {name} has alpha 0, which tools read differently (rank or disabled); "
                          "re-export it with alpha = rank")
@@ -181,6 +177,8 @@ def from_kohya(tensors: dict[str, torch.Tensor], sdxl: bool, layers_per_block: i
     """Parse kohya keys into modules keyed 'component.path'. Raises ValueError naming the first bad key."""
     modules = {}
     for name, p in _group(tensors).items():
+        if "." in name:  # kohya names have no dots: this key ends in a tensor name imglora does not know
+            raise ValueError(f"unrecognised key {name}.{next(iter(p))}")
         for prefix in KOHYA_PREFIXES:
             if name.startswith(prefix):
                 rest = name[len(prefix):]

@@ -48,8 +48,9 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
                   path: str | os.PathLike) -> tuple[Adapter, str]:
     try:
         for key, t in tensors.items():
-            integer_alpha = key.endswith(".alpha") and t.dtype not in (torch.bool,)  # diffusers writes int64 alphas
-            if not t.is_floating_point() and not integer_alpha:
+            # diffusers writes int64 alphas; (IA)³'s on_input is an integer flag
+            integer_ok = key.endswith(".on_input") or (key.endswith(".alpha") and t.dtype != torch.bool)
+            if not t.is_floating_point() and not integer_ok:
                 raise ValueError(f"tensor {key} holds {str(t.dtype).removeprefix('torch.')} values; adapter "
                                  "weights are floating point")
             if key.endswith(".alpha") and t.numel() != 1:
@@ -71,8 +72,8 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
             _check_module(key, m)
     except ValueError as e:
         raise ImgloraError(f"not a usable LoRA file: {e}",
-                           "imglora reads kohya/A1111 and LyCORIS (LoRA, LoCon, LoHa, LoKr, DoRA, full), ComfyUI, "
-                           "diffusers-PEFT, diffusers-script and attn-procs files",
+                           "imglora reads kohya/A1111 and LyCORIS (LoRA, LoCon, LoHa, LoKr, DoRA, OFT, BOFT, (IA)³, "
+                           "GLoRA, full), ComfyUI, diffusers-PEFT, diffusers-script and attn-procs files",
                            path=path) from None
     arch = arch_from_header({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
     return Adapter(modules, metadata, arch), fmt
@@ -89,7 +90,7 @@ def _check_module(key: str, m) -> None:
     if any(t.numel() == 0 for k, t in m.tensors().items() if k != "alpha"):
         raise ValueError(f"module {key} has an empty tensor (rank 0)")
     try:  # the shapes alone, on the meta device: no arithmetic
-        type(m).from_tensors({k: t if k == "alpha" else t.to("meta") for k, t in m.tensors().items()}).raw_delta()
+        m.on_meta().check()
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"module {key}: its {m.kind} tensors do not fit together "
                          f"({', '.join(f'{k} {tuple(t.shape)}' for k, t in m.tensors().items() if k != 'alpha')})") from e

@@ -83,7 +83,7 @@ def network_fields(adapter: Adapter) -> dict[str, str]:
     if kinds - {"lora"} or dora or any(getattr(m, "mid", None) is not None for m in modules):
         module = "lycoris.kohya"
         algo = kinds.pop() if len(kinds) == 1 else "mixed"
-        args = {**args, "algo": "locon" if algo == "lora" else algo}
+        args = {**args, "algo": {"lora": "locon", "oft": "diag-oft"}.get(algo, algo)}  # LyCORIS's algo names
         if dora:
             args["dora_wd"] = "True"
         if not conv and algo != "lora":  # LyCORIS records the conv dims whatever they cover

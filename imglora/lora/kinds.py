@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .state import LohaModule, LokrModule, LoraModule, Module
+from .state import LohaModule, LokrModule, LoraModule, Module, WeightModule
 
 
 class Kind(nn.Module):
@@ -122,11 +122,11 @@ class Dense(Kind):
 
     @staticmethod
     def misfit(module: Module, weight: torch.Tensor) -> str | None:
-        meta = module.from_tensors({k: t if k == "alpha" else t.to("meta") for k, t in module.tensors().items()})
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in module.tensors().items() if k != "alpha")
         try:
-            d = meta.raw_delta()
-        except RuntimeError:
+            meta = module.on_meta()
+            d = meta.delta(torch.empty(weight.shape, device="meta")) if isinstance(meta, WeightModule) else meta.raw_delta()
+        except (RuntimeError, ValueError):
             d = None
         flat_conv = d is not None and d.dim() == 2 and weight.dim() == 4 and d.shape[0] == weight.shape[0] \
             and d.shape[1] == weight[0].numel()  # LoHa/LoKr factors of a conv weight, flattened

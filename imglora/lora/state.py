@@ -57,8 +57,17 @@ class Module:
         """What the module adds to the layer's bias (a full delta's diff_b), if anything."""
         return None
 
+    def check(self) -> None:
+        """The tensors fit together (ValueError if not); called on meta copies, so shapes only."""
+        self.raw_delta()
+
     def num_parameters(self) -> int:
         return sum(t.numel() for k, t in self.tensors().items() if k != "alpha")
+
+    def on_meta(self) -> "Module":
+        """The same module with its tensors on the meta device (shapes only); scalars such as alpha and
+        on_input keep their values."""
+        return self.from_tensors({k: t if t.numel() <= 1 else t.to("meta") for k, t in self.tensors().items()})
 
     def detached_copy(self) -> "Module":
         """Float32 CPU copies, independent of any live parameter."""
@@ -258,6 +267,174 @@ class NormModule(Module):
         return None if self.b_norm is None else self.b_norm.float()
 
 
+class WeightModule(Module):
+    """A kind whose ΔW is a function of the base weight itself (OFT, BOFT, (IA)³, GLoRA): `delta` needs it."""
+
+    def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if weight is None:
+            raise ValueError(f"a {self.kind} module's delta depends on the base weight")
+        return self.weight_delta(weight.float())
+
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """The tensors fit together (without a base weight: its shape is checked when the module is attached)."""
+
+
+def _cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """The orthogonal R = (I + Q)(I - Q)⁻¹ of each block, Q = blocks - blocksᵀ (skew-symmetric), with Q scaled
+    down to Frobenius norm `constraint` (over all blocks together) when it is larger (LyCORIS's COFT)."""
+    q = blocks.float() - blocks.float().transpose(-1, -2)
+    if constraint > 0:  # a clamp rather than an if, so that shapes alone (meta tensors) go through
+        q = q * torch.clamp(constraint / (q.norm() + 1e-8), max=1.0)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+@dataclass(eq=False)
+class OftModule(WeightModule):
+    """OFT (kohya's and LyCORIS's diag-OFT; 3-dim oft_blocks) and BOFT (LyCORIS's butterfly OFT; 4-dim): the base
+    weight's output rows rotated block by block, W' = rescale · R·W0, so ΔW = W' - W0. alpha is the norm
+    constraint per output (LyCORIS and A1111 clamp ‖Q‖ at alpha·out; ComfyUI at alpha). `oft_diag` (early
+    LyCORIS, read by A1111) stores R itself."""
+
+    blocks: torch.Tensor | None = None  # (n_blocks, size, size); BOFT: (stages, n_blocks, size, size)
+    rescale: torch.Tensor | None = None  # (out, 1, ...)
+    alpha: float | None = None
+    diag: torch.Tensor | None = None
+    NAMES = {"blocks": "oft_blocks", "rescale": "rescale", "diag": "oft_diag"}
+
+    @property
+    def kind(self) -> str:
+        return "boft" if self.blocks is not None and self.blocks.dim() == 4 else "oft"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
+        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+    def check(self) -> None:
+        b = self.blocks if self.blocks is not None else self.diag
+        if b.dim() not in (3, 4) or b.shape[-1] != b.shape[-2] or (self.diag is not None and b.dim() != 3):
+            raise ValueError(f"OFT blocks {tuple(b.shape)} are not square blocks")
+        if b.dim() == 4 and b.shape[-1] % 2:
+            raise ValueError(f"BOFT blocks {tuple(b.shape)} have an odd size")
+
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        constraint = (self.alpha or 0.0) * weight.shape[0]
+        if self.diag is not None:
+            rotated = _rotate(weight, self.diag.float())
+        elif self.blocks.dim() == 3:
+            rotated = _rotate(weight, _cayley(self.blocks, constraint))
+        else:
+            rotated = _butterfly(weight, _cayley(self.blocks, constraint))
+        if self.rescale is not None:
+            rotated = rotated * self.rescale.float()
+        return rotated - weight
+
+
+def _rotate(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Each block of output rows times its rotation: rows (k·size + m) <- Σₙ r[k, n, m] · rows (k·size + n)."""
+    k, size, _ = r.shape
+    return torch.einsum("knm,kn...->km...", r, weight.unflatten(0, (k, size))).flatten(0, 1)
+
+
+def _butterfly(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """BOFT: stage i permutes the rows so that rows 2^i·size/2 apart share a block, rotates the blocks, and
+    permutes back (Liu et al. 2024, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization")."""
+    stages, _, size, _ = r.shape
+    x = weight
+    for i in range(stages):
+        stride = 2 ** i * (size // 2)
+        x = x.unflatten(0, (-1, 2, stride)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, size))
+        x = torch.einsum("bij,bj...->bi...", r[i], x)
+        x = x.flatten(0, 1).unflatten(0, (-1, stride, 2)).transpose(1, 2).flatten(0, 2)
+    return x
+
+
+@dataclass(eq=False)
+class Ia3Module(WeightModule):
+    """(IA)³ (LyCORIS ia3): the base weight scaled per output row, or per input column when `on_input` is set:
+    ΔW = W0 · w along that axis."""
+
+    weight: torch.Tensor  # (out,) or (in,); a conv's (1, channels, 1, 1)
+    on_input: torch.Tensor | None = None
+    kind = "ia3"
+    NAMES = {"weight": "weight", "on_input": "on_input"}
+
+    def check(self) -> None:
+        if self.on_input is not None and self.on_input.numel() != 1:
+            raise ValueError(f"on_input has {self.on_input.numel()} values instead of one")
+
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        on_input = self.on_input is not None and bool(self.on_input.reshape(()).item())
+        axis = [1] * weight.dim()
+        axis[1 if on_input else 0] = -1
+        return weight * self.weight.float().reshape(axis)
+
+
+@dataclass(eq=False)
+class GloraModule(WeightModule):
+    """GLoRA (LyCORIS glora): ΔW = (alpha / rank) · (W0 · a1 · a2 + b1 · b2), the first term on the input side
+    of the base weight. LyCORIS 2+ writes a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in); earlier files (read by
+    A1111) swap the roles of 1 and 2: a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r). The shapes tell which."""
+
+    a1: torch.Tensor
+    a2: torch.Tensor
+    b1: torch.Tensor
+    b2: torch.Tensor
+    alpha: float | None = None
+    bm: torch.Tensor | None = None  # a Tucker core between b1 and b2 (conv)
+    kind = "glora"
+    NAMES = {"a1": "a1.weight", "a2": "a2.weight", "b1": "b1.weight", "b2": "b2.weight", "bm": "bm.weight"}
+
+    def _form(self) -> bool:
+        """True for LyCORIS 2+'s layout. A square layer fits both; then the rank is a2's smaller side."""
+        s = lambda t: t.shape  # noqa: E731
+        new = s(self.a1)[1] == s(self.a2)[0] == s(self.b1)[1] == s(self.b2)[0]
+        old = s(self.a1)[0] == s(self.a2)[1] == s(self.b1)[0] == s(self.b2)[1]
+        if new and old:
+            return s(self.a2)[0] <= s(self.a2)[1]
+        if not (new or old):
+            raise ValueError("GLoRA a1/a2/b1/b2 do not share a rank")
+        return new
+
+    @property
+    def rank(self) -> int:
+        return self.a2.shape[0] if self._form() else self.a1.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
+        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+    def check(self) -> None:
+        self._form()
+
+    def weight_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        f = lambda t: t.float().flatten(1)  # noqa: E731
+        new = self._form()
+        (a_in, a_out), (up, down) = ((self.a1, self.a2), (self.b1, self.b2)) if new else \
+            ((self.a2, self.a1), (self.b2, self.b1))
+        through = torch.einsum("oi...,ij->oj...", weight, f(a_in))
+        through = torch.einsum("or...,rj->oj...", through, f(a_out))
+        if self.bm is not None:
+            additive = torch.einsum("mn...,im,nj->ij...", self.bm.float(), f(up), f(down))
+        else:
+            additive = f(up) @ f(down)
+        scale = self.alpha / self.rank if self.alpha else 1.0
+        return scale * (through + additive.reshape(weight.shape))
+
+
 # Which kind a module is, by the tensor names a file gives it (after the module name and a dot).
 KIND_SUFFIXES = {
     LohaModule: {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
@@ -265,11 +442,16 @@ KIND_SUFFIXES = {
     FullModule: {"diff", "diff_b"},
     NormModule: {"w_norm", "b_norm"},
     LoraModule: {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
+    OftModule: {"oft_blocks", "oft_diag", "rescale"},
+    Ia3Module: {"weight", "on_input"},
+    GloraModule: {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"},
 }
 SHARED_SUFFIXES = {"alpha", "dora_scale"}
 REQUIRED = {LohaModule: ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},),
             LokrModule: ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"}),
-            FullModule: ({"diff"},), NormModule: ({"w_norm"}, {"b_norm"}), LoraModule: ({"lora_down.weight", "lora_up.weight"},)}
+            FullModule: ({"diff"},), NormModule: ({"w_norm"}, {"b_norm"}), LoraModule: ({"lora_down.weight", "lora_up.weight"},),
+            OftModule: ({"oft_blocks"}, {"oft_diag"}), Ia3Module: ({"weight"},),
+            GloraModule: ({"a1.weight", "a2.weight", "b1.weight", "b2.weight"},)}
 
 
 def module_from_parts(name: str, parts: dict[str, torch.Tensor]) -> Module:
@@ -278,7 +460,8 @@ def module_from_parts(name: str, parts: dict[str, torch.Tensor]) -> Module:
     kinds = [cls for cls, names in KIND_SUFFIXES.items() if names & parts.keys()]
     stray = parts.keys() - SHARED_SUFFIXES - set().union(*KIND_SUFFIXES.values())
     if stray:
-        raise ValueError(f"unknown tensor {name}.{sorted(stray)[0]} (not a LoRA, LoHa, LoKr, full or norm key)")
+        raise ValueError(f"unknown tensor {name}.{sorted(stray)[0]} (not a LoRA, LoHa, LoKr, OFT, BOFT, (IA)³, "
+                         "GLoRA, full or norm key)")
     if len(kinds) != 1:
         raise ValueError(f"module {name} has " + ("no weights, only " + ", ".join(sorted(parts)) if not kinds else
                                                   "tensors of several kinds: " + ", ".join(sorted(parts))))

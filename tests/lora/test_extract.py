@@ -2,6 +2,7 @@
 lower rank the reported energy is the true share kept, and diffusers' load_lora_weights reads the result."""
 
 import numpy as np
+import pytest
 import torch
 from test_lycoris import lycoris_file, outputs
 
@@ -46,6 +47,20 @@ def test_a_lycoris_file_becomes_a_lora_diffusers_reads(make_pipe, tmp_path):
     theirs.load_lora_weights(str(file), adapter_name="x")
     run = lambda p: p(**ARGS, generator=torch.Generator().manual_seed(0)).images  # noqa: E731
     assert np.allclose(run(mine), run(theirs), atol=2e-4)
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "boft", "ia3", "glora"])
+def test_kinds_that_transform_the_base_weight_become_a_lora(make_pipe, tmp_path, algo):
+    """OFT, BOFT, (IA)³ and GLoRA build ΔW from the model's weights: at full rank the LoRA gives LyCORIS's output."""
+    pipe = make_pipe("sd1")
+    ref, path = lycoris_file(pipe, algo, {"preset": "attn-mlp"}, tmp_path / f"{algo}.safetensors")
+    adapter, _ = load_adapter(path)
+    full, energy, notes = to_lora(adapter, 64, weights_of(pipe, adapter.modules))
+    assert energy.kept > 1 - 1e-6 and not notes and {m.kind for m in full.modules.values()} == {"lora"}
+    ours = make_pipe("sd1")
+    Adapters(ours).load("x", full)
+    for a, b in zip(outputs(ours), outputs(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_extract_recovers_a_low_rank_difference_exactly(make_pipe):

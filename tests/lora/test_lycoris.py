@@ -34,6 +34,12 @@ CASES = {  # id: (arch, algo, LyCORIS network kwargs, kinds imglora must see)
     "dora-loha": ("sd1", "loha", {"dora_wd": True}, {"loha+dora"}),
     "full": ("sd1", "full", {}, {"full"}),
     "locon-norms": ("sd1", "locon", {"train_norm": True}, {"lora", "norm"}),
+    "oft": ("sd1", "diag-oft", {}, {"oft"}),
+    "oft-constrained": ("sd1", "diag-oft", {"constraint": 1e-3, "rescaled": True}, {"oft"}),
+    "boft": ("sd1", "boft", {}, {"boft"}),
+    "ia3": ("sd1", "ia3", {}, {"ia3"}),
+    "ia3-on-input": ("sd1", "ia3", {"train_on_input": True}, {"ia3"}),
+    "glora": ("sd1", "glora", {}, {"glora"}),
     "loha-sdxl": ("sdxl", "loha", {"preset": "attn-mlp"}, {"loha"}),
     "lokr-sdxl": ("sdxl", "lokr", {"preset": "attn-mlp", "factor": 4}, {"lokr"}),
 }
@@ -90,8 +96,9 @@ def test_a_lycoris_file_loads_whole_and_matches_lycoris(make_pipe, tmp_path, cas
     ref, path = lycoris_file(pipe, algo, kwargs, tmp_path / "lycoris.safetensors")
     adapter, fmt = load_adapter(path, pipe.unet.config.layers_per_block)
     assert fmt == "kohya" and set(adapter.kinds()) == kinds
-    names = {k.rsplit(".", 1)[0] if not k.endswith(("lora_down.weight", "lora_up.weight", "lora_mid.weight"))
-             else k.rsplit(".", 2)[0] for k in load_file(path)}
+    two_part = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "a1.weight", "a2.weight", "b1.weight",
+                "b2.weight")
+    names = {k.rsplit(".", 2 if k.endswith(two_part) else 1)[0] for k in load_file(path)}
     assert len(adapter.modules) == len(names)  # every module of the file, none dropped
     adapters = Adapters(pipe)
     adapters.load("x", adapter)
@@ -109,12 +116,14 @@ def test_a_lycoris_file_loads_whole_and_matches_lycoris(make_pipe, tmp_path, cas
         assert torch.equal(layer.base.weight, find(getattr(fresh, component), path).weight)
 
 
-def test_imglora_writes_lycoris_files_back_unchanged(make_pipe, tmp_path):
-    """Read a LoHa + DoRA file, write it as kohya, read it again: every tensor equal, same keys, except that
+@pytest.mark.parametrize("algo, kwargs", [("loha", {"dora_wd": True, "use_tucker": True}),
+                                          ("diag-oft", {"rescaled": True}), ("boft", {}), ("ia3", {}), ("glora", {})])
+def test_imglora_writes_lycoris_files_back_unchanged(make_pipe, tmp_path, algo, kwargs):
+    """Read a LyCORIS file, write it as kohya, read it again: every tensor equal, same keys, except that
     imglora writes the canonical text-encoder names (lora_te_text_model_encoder_…, what A1111 and ComfyUI
     read) where LyCORIS under transformers 5 drops the text_model_ level."""
     pipe = make_pipe("sd1")
-    _, path = lycoris_file(pipe, "loha", {"dora_wd": True, "use_tucker": True}, tmp_path / "in.safetensors")
+    _, path = lycoris_file(pipe, algo, kwargs, tmp_path / "in.safetensors")
     adapter, _ = load_adapter(path, pipe.unet.config.layers_per_block)
     save_adapter(tmp_path / "out.safetensors", adapter, layers_per_block=pipe.unet.config.layers_per_block)
     a, b = load_file(path), load_file(tmp_path / "out.safetensors")
@@ -129,11 +138,12 @@ def test_a_blend_of_mixed_kinds_is_the_base_plus_the_weighted_deltas(make_pipe, 
     files = {name: lycoris_file(pipe, algo, kw, tmp_path / f"{name}.safetensors", seed=i)[1]
              for i, (name, algo, kw) in enumerate([("lo", "locon", {}), ("ha", "loha", {}), ("kr", "lokr", {}),
                                                    ("do", "locon", {"dora_wd": True}),
-                                                   ("nm", "locon", {"train_norm": True})])}
+                                                   ("nm", "locon", {"train_norm": True}), ("ft", "diag-oft", {}),
+                                                   ("ia", "ia3", {}), ("gl", "glora", {})])}
     adapters = Adapters(pipe)
     for name, path in files.items():
         adapters.load(name, load_adapter(path, lpb)[0])
-    weights = {"lo": 0.7, "ha": -0.5, "kr": 1.3, "do": 0.4, "nm": 0.6}
+    weights = {"lo": 0.7, "ha": -0.5, "kr": 1.3, "do": 0.4, "nm": 0.6, "ft": 0.3, "ia": -0.2, "gl": 0.5}
     for name, w in weights.items():
         adapters.set_weight(name, w)
     for key, layer in adapters.layers.items():
@@ -142,7 +152,7 @@ def test_a_blend_of_mixed_kinds_is_the_base_plus_the_weighted_deltas(make_pipe, 
         torch.testing.assert_close(layer.delta(), want)
     blended = outputs(pipe)
     # Per-sample weights: one batch of two blends equals the two blends rendered apart.
-    rows = [weights, {"lo": 0.0, "ha": 1.0, "kr": 0.0, "do": 1.0, "nm": -0.5}]
+    rows = [weights, {"lo": 0.0, "ha": 1.0, "kr": 0.0, "do": 1.0, "nm": -0.5, "ft": 1.0, "ia": 0.0, "gl": -1.0}]
     adapters.set_sample_weights(rows)
     g = torch.Generator().manual_seed(1)
     x, e = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
@@ -211,3 +221,27 @@ def test_peft_forms_of_loha_lokr_and_dora_load_and_match_peft(make_pipe, tmp_pat
         want, got = outputs(ref)[1], outputs(ours)[1]
         assert (want - outputs(make_pipe("sd1"))[1]).abs().max() > 1e-2, kind
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=kind)
+
+
+def test_older_oft_and_glora_layouts_give_the_same_delta():
+    """Files from before LyCORIS 2 (read by A1111): GLoRA with the roles of its 1 and 2 factors swapped, and
+    OFT's rotations stored as they are (oft_diag). Each gives the ΔW of the current layout, and GLoRA's is
+    A1111's formula b2·b1 + W0·a2·a1 (scaled by alpha/rank)."""
+    from imglora.lora.state import _cayley, module_from_parts
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(12, 8, generator=g)
+    a1, a2, b1, b2 = (torch.randn(*s, generator=g) for s in ((8, 3), (3, 8), (12, 3), (3, 8)))
+    new = module_from_parts("m", {"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "b2.weight": b2,
+                                  "alpha": torch.tensor(6.0)})
+    old = module_from_parts("m", {"a1.weight": a2, "a2.weight": a1, "b1.weight": b2, "b2.weight": b1,
+                                  "alpha": torch.tensor(6.0)})
+    torch.testing.assert_close(old.delta(w0), new.delta(w0))
+    torch.testing.assert_close(old.delta(w0), 2.0 * (b1 @ b2 + w0 @ a1 @ a2))
+    blocks = torch.randn(3, 4, 4, generator=g)
+    oft = module_from_parts("m", {"oft_blocks": blocks})
+    diag = module_from_parts("m", {"oft_diag": _cayley(blocks, 0.0)})
+    torch.testing.assert_close(diag.delta(w0), oft.delta(w0))
+    r = _cayley(blocks, 0.0)
+    assert torch.allclose(r @ r.transpose(1, 2), torch.eye(4).expand(3, 4, 4), atol=1e-5)  # rotations
+    assert torch.allclose((w0 + oft.delta(w0)).norm(dim=0), w0.norm(dim=0), atol=1e-4)  # column norms kept
