@@ -23,17 +23,6 @@ MAX_SEED = 2**63 - 1
 SAVE_PRECISION = FIELDS["save_precision"]  # what training saves, so merge/resize/convert default to the same
 
 
-def parse_weighted(spec: str) -> tuple[str, float]:
-    """'file.safetensors:0.7' -> (file, 0.7); no ':WEIGHT' means 1.0."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 # -- numbers, checked while parsing: before any file or model is loaded ----------------------------
 def _number(kind, text: str):
     try:
@@ -70,13 +59,19 @@ def finite(text: str) -> float:
     return value
 
 
-def weighted(spec: str) -> tuple[str, float]:
-    """FILE[:WEIGHT] with a finite weight of at most MAX_WEIGHT either way."""
-    path, weight = parse_weighted(spec)
-    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-        raise argparse.ArgumentTypeError(f"{spec!r}: the weight must be a number from {-MAX_WEIGHT:g} to "
-                                         f"{MAX_WEIGHT:g}, not {weight:g}")
-    return path, weight
+def lora_spec(spec: str):
+    """FILE[:OPTIONS] (lora/tags.py: weights, te=, unet=, lbw=, start=, stop=, keyframes) -> (file, Options).
+    The file is the longest ':'-prefix that exists, else the part up to '.safetensors'."""
+    from .lora.tags import parse_options
+
+    parts = spec.split(":")
+    cut = next((i for i in range(len(parts), 0, -1) if Path(":".join(parts[:i])).is_file()), None)
+    if cut is None:
+        cut = next((i + 1 for i, p in enumerate(parts) if p.lower().endswith(".safetensors")), 1)
+    try:
+        return ":".join(parts[:cut]), parse_options(parts[cut:], MAX_WEIGHT)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
 
 
 def out_format(text: str) -> str:
@@ -102,7 +97,7 @@ def generate_command(args) -> None:
     from .formats.files import read_header
     from .generate import GenerateArgs, generate, parameters_text, save_png
     from .lora.adapters import Adapters
-    from .lora.state import Blend
+    from .lora.tags import blend_of
     from .pipeline import attach, load_model
 
     # Everything that can fail is checked before the model loads and anything renders.
@@ -111,11 +106,9 @@ def generate_command(args) -> None:
         read_header(path)  # exists and is a whole safetensors file
     model = load_model(args.model, device=args.device, dtype=_torch_dtype(args.dtype), config=args.model_config)
     adapters = Adapters(model.pipe)
-    weights = {}
-    for path, weight in args.lora:
-        weights[attach(model, adapters, path, weight)] = weight
+    options = {attach(model, adapters, path, opts.weight): opts for path, opts in args.lora}
     ga = GenerateArgs(args.prompt, args.negative, args.seed, args.steps, args.guidance, args.width, args.height,
-                      batch=args.batch, blend=Blend(weights))
+                      batch=args.batch, blend=blend_of(options, normalize=args.normalize))
     images = generate(model, ga, adapters, progress=True)
     for i, (image, out) in enumerate(zip(images, outputs)):
         save_png(image, out, parameters_text(model, ga, args.seed + i), overwrite=args.overwrite)
@@ -239,11 +232,19 @@ def merge_command(args) -> None:
     from .ops.merge import concatenate
     from .ops.resize import resize
 
-    from .ops.merge import merge_kinds
+    from .lora.tags import blend_of
+    from .ops.merge import blend_parts, merge_kinds
     from .ops.resize import not_plain_lora
 
     _refuse_existing(args.output, args.overwrite)
-    parts = [(load_adapter(p)[0], w) for p, w in args.inputs]
+    blend = blend_of({str(i): opts for i, (_, opts) in enumerate(args.inputs)})
+    parts = []
+    for i, (path, _) in enumerate(args.inputs):
+        try:
+            parts += blend_parts(load_adapter(path)[0], blend, str(i))
+        except ValueError as e:
+            raise ImgloraError(str(e).replace(f"{i} has", "it has", 1), "leave start=/stop=/keyframes out of merge",
+                               path=path) from None
     if any(not_plain_lora(a) for a, _ in parts):  # any other kind: blended through its ΔW
         try:
             merged, energy = merge_kinds(parts, _model_weights(args, [a for a, _ in parts], args.inputs[0][0]),
@@ -262,7 +263,8 @@ def merge_command(args) -> None:
             raise ImgloraError(f"--rank {args.rank} is above the merged rank {top} (the exact concatenation's)",
                                f"choose a rank from 1 to {top}, or leave --rank out for the exact merge")
         merged, energy = resize(merged, args.rank)
-    sources = [{"file": os.path.basename(p), "weight": w} for p, w in args.inputs]
+    sources = [{"file": os.path.basename(p), "weight": o.weight, **({"te_weight": o.te} if o.te is not None else {}),
+                **({"block_weights": list(o.blocks)} if o.blocks else {})} for p, o in args.inputs]
     meta = build_metadata(merged, merged.arch, Path(args.output).stem,
                           extra={"modelspec.merged_from": ", ".join(s["file"] for s in sources),
                                  "imglora.merged_from": sources})
@@ -379,9 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="diffusers folder or checkpoint (default: the embedded model)")
     g.add_argument("--model-config", help="diffusers folder whose configs describe a single-file --model "
                    "(nothing is downloaded)")
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", type=weighted,
-                   help=f"adapter file and its blend weight, from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} (default weight: "
-                        "1.0), repeatable")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:OPTIONS]", type=lora_spec,
+                   help=f"adapter file and its blend, repeatable: a weight from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
+                        "(default 1.0), or A1111's options: TE:UNET weights, lbw=PRESET|LIST (block weights), "
+                        "start=N, stop=N, step=A-B, keyframes such as 0@0,1@0.5 (README: Blend control)")
+    g.add_argument("--normalize", action="store_true", help="keep each layer's summed update within the norm of "
+                   "its largest single update (for stacked adapters that overpower each other)")
     g.add_argument("--prompt", required=True, help="what to draw")
     g.add_argument("--negative", default="", help="negative prompt (default: none)")
     g.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="seed of the first image "
@@ -432,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="blend adapters into one file (exact, or SVD to --rank)")
     m.add_argument("output", help="merged adapter file to write")
-    m.add_argument("inputs", nargs="+", metavar="FILE[:WEIGHT]", type=weighted,
+    m.add_argument("inputs", nargs="+", metavar="FILE[:OPTIONS]", type=lora_spec,
                    help=f"adapters to blend, each with its weight, from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} "
-                        "(default weight: 1.0)")
+                        "(default weight: 1.0), or TE:UNET weights and lbw= block weights as for generate")
     m.add_argument("--rank", type=at_least(1), help="compress the result to this rank by SVD, at most the sum of the "
                    "ranks (default: exact concatenation, rank = the sum of the ranks)")
     m.add_argument("--to", choices=["kohya", "diffusers"], type=out_format, default="kohya",

@@ -28,8 +28,8 @@ class GenerateArgs:
     width: int | None = None
     height: int | None = None
     batch: int = 1
-    blends: list[dict[str, float]] | None = None  # one blend per image (a comparison grid)
-    blend: Blend = field(default_factory=Blend)  # what is active, for the PNG parameters text
+    blends: list | None = None  # one Blend (or {name: weight}) per image: a comparison grid
+    blend: Blend = field(default_factory=Blend)  # the blend; applied when it has adapters, and in the PNG text
 
 
 def resolved(model: Model, args: GenerateArgs) -> GenerateArgs:
@@ -47,24 +47,43 @@ def resolved(model: Model, args: GenerateArgs) -> GenerateArgs:
 def generate(model: Model, args: GenerateArgs, adapters: Adapters | None = None,
              progress: bool = False) -> list[Image.Image]:
     """Images for one prompt. With `blends`, image i uses blends[i] in the same forward pass, all with
-    the same seed, so a grid differs only by blend; otherwise image i uses seed + i."""
+    the same seed, so a grid differs only by blend; otherwise image i uses seed + i, with `blend` applied
+    (when it names adapters). A blend with a schedule changes its weights between steps, as diffusers'
+    callback_on_step_end would with set_adapters."""
     a = resolved(model, args)
     pipe = model.pipe
     n = len(a.blends) if a.blends else a.batch
     seeds = [a.seed] * n if a.blends else [a.seed + i for i in range(n)]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    if a.blends:
-        if adapters is None:
-            raise ValueError("blends need the pipeline's adapters")
-        adapters.set_sample_weights(a.blends)
+    rows = [b if isinstance(b, Blend) else Blend(dict(b)) for b in a.blends] if a.blends else None
+    if (rows or a.blend) and adapters is None:
+        raise ValueError("blends need the pipeline's adapters")
+
+    def at(step: int) -> None:
+        if rows:
+            adapters.set_sample_weights(rows, step, a.steps)
+        elif a.blend:
+            adapters.apply(a.blend, step, a.steps)
+
+    at(0)
+    scheduled = any(b.scheduled for b in rows) if rows else a.blend.scheduled
+
+    def next_step(pipe, i, t, kwargs):  # after step i: the weights of step i + 1
+        if i + 1 < a.steps:
+            at(i + 1)
+        return kwargs
+
     pipe.set_progress_bar_config(disable=not progress)
     try:
         out = pipe(prompt=[a.prompt] * n, negative_prompt=[a.negative] * n if a.negative else None,
                    num_inference_steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height,
-                   generator=generators[0] if n == 1 else generators)
+                   generator=generators[0] if n == 1 else generators,
+                   callback_on_step_end=next_step if scheduled else None)
     finally:
-        if a.blends:
+        if rows:
             adapters.set_sample_weights(None)
+        elif scheduled:
+            at(0)
     return out.images
 
 

@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from .blocks import block_of
 from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
 from .kinds import kind_for
 from .layer import LoraLayer, NormLayer
@@ -34,6 +35,7 @@ class Adapters:
         self.layers: dict[str, LoraLayer] = {}
         self.names: list[str] = []
         self.merged = False
+        self._blocks: dict[str, str | None] = {}  # layer key -> its LBW block (lora/blocks.py)
 
     # -- adding ---------------------------------------------------------------------------------
     def targets(self, preset: str = "cross-attn", text_encoder: bool = False, te_mlp: bool = False) -> list[str]:
@@ -132,12 +134,41 @@ class Adapters:
                 layer.set_weight(name, te_weight if (is_te and te_weight is not None) else weight)
         self._remerge()
 
-    def apply(self, blend: Blend) -> None:
-        """Exactly this blend: its adapters on at its weights, every other loaded adapter off."""
-        for name in self.names:
-            self.enable(name, name in blend.weights)
-            if name in blend.weights:
-                self.set_weight(name, blend.weights[name], blend.te_weights.get(name))
+    def apply(self, blend: Blend, step: int | None = None, steps: int | None = None) -> None:
+        """Exactly this blend at a 0-based denoising step of `steps` (None: the first): its adapters on at
+        their weights, per block and per step, every other loaded adapter off. Only the layers whose weights
+        move are touched, so applying the same blend again, or a schedule at the next step, costs little."""
+        for name in blend.weights:
+            self._known(name)
+        changed = False
+        for key, layer in self.layers.items():
+            wanted = self._layer_weights(blend, key, layer, step, steps)
+            for n in layer.adapters.keys():
+                on = n in wanted
+                if layer.enabled[n] != on:
+                    layer.enable(n, on)
+                    changed = True
+                if on and layer.weights[n] != wanted[n]:
+                    layer.set_weight(n, wanted[n])
+                    changed = True
+        if changed:
+            self._remerge()
+
+    def _block(self, key: str) -> str | None:
+        if key not in self._blocks:
+            unet = self.components.get("unet")
+            self._blocks[key] = block_of(key, getattr(getattr(unet, "config", None), "layers_per_block", 2))
+        return self._blocks[key]
+
+    def _layer_weights(self, blend: Blend, key: str, layer: LoraLayer, step, steps) -> dict[str, float]:
+        """{adapter: multiplier} of the blend's adapters in one layer; with blend.normalize, scaled down so
+        that the summed update is no larger (Frobenius norm) than the largest single one."""
+        wanted = {n: blend.layer_weight(n, key, self._block(key), step, steps)
+                  for n in layer.adapters.keys() if n in blend.weights}
+        if blend.normalize and sum(1 for w in wanted.values() if w) > 1:
+            factor = layer.norm_factor(wanted)
+            wanted = {n: w * factor for n, w in wanted.items()}
+        return wanted
 
     def enable(self, name: str, on: bool = True) -> None:
         self._known(name)
@@ -146,21 +177,24 @@ class Adapters:
                 layer.enable(name, on)
         self._remerge()
 
-    def set_sample_weights(self, rows: list[dict[str, float]] | None) -> None:
-        """One blend per sample: rows[i] maps adapter name -> weight for sample i (None to clear)."""
+    def set_sample_weights(self, rows: list | None, step: int | None = None, steps: int | None = None) -> None:
+        """One blend per sample: rows[i] is sample i's Blend (or {adapter name: weight}), at a 0-based
+        denoising step (None: the first); None clears it."""
         if rows is not None and self.merged:
             raise AdapterError("unmerge before using per-sample weights")
-        names = sorted({n for row in rows for n in row}) if rows else []
+        rows = [r if isinstance(r, Blend) else Blend(dict(r)) for r in rows] if rows else None
+        names = sorted({n for row in rows for n in row.weights}) if rows else []
         for n in names:
             self._known(n)
-        for layer in self.layers.values():
+        for key, layer in self.layers.items():
             if rows is None:
                 layer.set_sample_weights([], None)
                 continue
             present = [n for n in names if n in layer.adapters]
+            per_row = [self._layer_weights(row, key, layer, step, steps) for row in rows]
             # A layer holding none of them gets a (n, 0) table: the base for every sample.
-            layer.set_sample_weights(present, torch.tensor([[float(row.get(n, 0.0)) for n in present]
-                                                            for row in rows]).reshape(len(rows), len(present)))
+            layer.set_sample_weights(present, torch.tensor([[float(w.get(n, 0.0)) for n in present]
+                                                            for w in per_row]).reshape(len(rows), len(present)))
 
     def changed(self) -> None:
         """Adapter tensors were updated in place (an optimizer step): rebuild the inference caches."""

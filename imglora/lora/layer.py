@@ -140,6 +140,18 @@ class LoraLayer(nn.Module):
             total += self.weights[n] * self.adapters[n].delta(w0).to(total.device)
         return total
 
+    def norm_factor(self, weights: dict[str, float]) -> float:
+        """min(1, max ‖wᵢ·ΔWᵢ‖ / ‖Σ wᵢ·ΔWᵢ‖): what keeps this layer's summed update within the norm of its
+        largest single update (a normalised blend). Built from the ΔW at weight 1, once per blend change."""
+        w0 = self._base_weight()
+        total, largest = torch.zeros_like(w0, dtype=torch.float32), 0.0
+        for n, w in weights.items():
+            d = w * self.adapters[n].delta(w0).to(total.device)
+            largest = max(largest, float(d.norm()))
+            total += d
+        norm = float(total.norm())
+        return 1.0 if norm <= largest or norm == 0 else largest / norm
+
     def _split(self, names: list[str]) -> tuple[list[str], list[str]]:
         """(fused low-rank pairs, dense kinds) among names, in order."""
         return [n for n in names if self.adapters[n].fused], [n for n in names if not self.adapters[n].fused]

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import multiplier, spec_of
+from .schedule import Schedule
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -508,10 +511,16 @@ class Adapter:
 @dataclass(frozen=True)
 class Blend:
     """Which adapters are on and how strongly: the one value the app, `generate` and the CLI hand to
-    Adapters. te_weights holds a separate text-encoder weight where one is given (A1111's te multiplier)."""
+    Adapters. te_weights holds a separate text-encoder weight where one is given (A1111's te multiplier);
+    blocks 26 per-block multipliers (lora/blocks.py, LBW's layout; BASE scales the text encoders);
+    schedules a UNet weight that changes over the denoising steps (lora/schedule.py); normalize keeps each
+    layer's summed update within the norm of its largest single one (Adapters.apply)."""
 
     weights: dict[str, float] = field(default_factory=dict)
     te_weights: dict[str, float] = field(default_factory=dict)
+    blocks: dict[str, tuple] = field(default_factory=dict)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    normalize: bool = False
 
     @classmethod
     def of(cls, pairs: dict[str, tuple[float, float | None]]) -> "Blend":
@@ -525,10 +534,43 @@ class Blend:
     def pairs(self) -> dict[str, tuple[float, float | None]]:
         return {n: (w, self.te_weights.get(n)) for n, w in self.weights.items()}
 
+    @property
+    def scheduled(self) -> bool:
+        """Its weights change during a generation: it cannot be merged or baked."""
+        return any(self.schedules.values())
+
+    def layer_weight(self, name: str, key: str, block: str | None, step: int | None = None,
+                     steps: int | None = None) -> float:
+        """The multiplier of adapter `name` in the layer `key` (in LBW block `block`) at a 0-based step
+        (None: the first step's)."""
+        sched = self.schedules.get(name)
+        if not key.startswith("unet."):
+            base = self.te(name) if name in self.te_weights or not sched else sched.text_encoder(self.weights[name])
+            return base * multiplier(self.blocks.get(name), "BASE")
+        w = self.weights[name]
+        if sched:
+            w = sched.weight(w, step or 0, steps or 1)
+        return w * multiplier(self.blocks.get(name), block)
+
+    def key(self) -> tuple:
+        """Hashable: two blends with equal keys set every layer alike."""
+        return (tuple(sorted(self.pairs().items())), tuple(sorted(self.blocks.items())),
+                tuple(sorted(self.schedules.items(), key=lambda kv: kv[0])), self.normalize)
+
+    def tag(self, name: str) -> str:
+        """One adapter in A1111's prompt syntax, with LBW's and loractl's options where set."""
+        sched = self.schedules.get(name) or Schedule()
+        unet = sched.keys_text() or f"{self.weights[name]:g}"
+        parts = [name] + ([f"{self.te_weights[name]:g}", unet] if name in self.te_weights else [unet])
+        if name in self.blocks:
+            parts.append(f"lbw={spec_of(self.blocks[name])}")
+        return "<lora:" + ":".join(parts + sched.tag_parts()) + ">"
+
     def tags(self) -> str:
-        """The blend in A1111's prompt syntax (<lora:name:w>, <lora:name:te:unet>), as PNG parameters carry it."""
-        return " ".join(f"<lora:{n}:{self.te_weights[n]:g}:{w:g}>" if n in self.te_weights else f"<lora:{n}:{w:g}>"
-                        for n, w in self.weights.items() if w or self.te_weights.get(n))
+        """The blend in A1111's prompt syntax (<lora:name:w>, <lora:name:te:unet>, lbw=, start=, stop=,
+        keyframes), as PNG parameters carry it."""
+        return " ".join(self.tag(n) for n, w in self.weights.items()
+                        if w or self.te_weights.get(n) or (self.schedules.get(n) and self.schedules[n].keys))
 
     def __bool__(self) -> bool:
         return bool(self.weights)

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.state import Adapter, FullModule, LoraModule, NormModule
+from ..lora.blocks import block_of
+from ..lora.state import Adapter, Blend, FullModule, LoraModule, NormModule
 from .resize import Energy, resize
+
+
+def blend_parts(adapter: Adapter, blend: Blend, name: str, layers_per_block: int = 2) -> list[tuple[Adapter, float]]:
+    """An adapter's share of a blend as (part, weight) pairs for the merges below: its modules grouped by the
+    weight the blend gives them (the UNet and text-encoder weights, times block weights). A schedule changes
+    weights during generation, which no single file can hold: ValueError."""
+    if blend.schedules.get(name):
+        raise ValueError(f"{name} has a step schedule (start/stop/keyframes), which cannot be merged into a file "
+                         "or baked into a model; drop it, or use it at generation time")
+    groups: dict[float, dict] = {}
+    for key, m in adapter.modules.items():
+        groups.setdefault(blend.layer_weight(name, key, block_of(key, layers_per_block)), {})[key] = m
+    return [(Adapter(modules, {}, adapter.arch), w) for w, modules in groups.items()]
 
 
 def concatenate(parts: list[tuple[Adapter, float]]) -> Adapter:
