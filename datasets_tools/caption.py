@@ -101,26 +101,42 @@ def new_backup_folder(root: Path) -> Path:
     raise ImgloraError("cannot make a new backup folder", "clean up old backups", path=root / BACKUP_DIR)
 
 
+class Backup:
+    """One backup folder for changes written in steps (auto-captioning writes a batch at a time, so a long
+    run that stops keeps what it finished). Each step copies the originals and rewrites the manifest before
+    it writes a caption, so `--restore` undoes every step that began."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.folder: Path | None = None
+        self.created: list[str] = []
+        self.changed: list[str] = []
+
+    def write(self, changes) -> None:
+        if not changes:
+            return
+        if self.folder is None:
+            self.folder = new_backup_folder(self.root)
+        for path, old, _ in changes:
+            rel = Path(path).relative_to(self.root)
+            if old is None or not Path(path).exists():
+                self.created.append(rel.as_posix())
+            else:
+                (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, self.folder / rel)
+            if old is not None:
+                self.changed.append(rel.as_posix())
+        manifest = json.dumps({"created": self.created, "changed": self.changed}, indent=1)
+        atomic_write(self.folder / MANIFEST, lambda f: f.write(manifest.encode()), overwrite=True)
+        for path, _, new in changes:
+            atomic_write(path, lambda f, text=new: f.write((text + "\n").encode("utf-8")), overwrite=True)
+
+
 def apply(root, changes) -> Path | None:
     """Back up every file that changes (and list the new ones), then write each atomically."""
-    if not changes:
-        return None
-    root = Path(root)
-    backup = new_backup_folder(root)
-    created = []
-    for path, old, _ in changes:
-        rel = Path(path).relative_to(root)
-        if old is None or not Path(path).exists():
-            created.append(rel.as_posix())
-        else:
-            (backup / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, backup / rel)
-    manifest = json.dumps({"created": created, "changed": [Path(p).relative_to(root).as_posix()
-                                                          for p, old, _ in changes if old is not None]}, indent=1)
-    atomic_write(backup / MANIFEST, lambda f: f.write(manifest.encode()), overwrite=False)
-    for path, _, new in changes:
-        atomic_write(path, lambda f, text=new: f.write((text + "\n").encode("utf-8")), overwrite=True)
-    return backup
+    backup = Backup(root)
+    backup.write(changes)
+    return backup.folder
 
 
 def restore(root, backup) -> list[Path]:

@@ -129,6 +129,12 @@ def clean(folder) -> None:
 def caption_command(args) -> int:
     from .caption import Edits, plan, restore
 
+    if args.model:
+        return autocaption_command(args)
+    given = [name for name in GENERATION_FLAGS if getattr(args, name) not in (None, False, [])]
+    if given:
+        raise ImgloraError(f"--{given[0].replace('_', '-')} is for writing captions with a model",
+                           "add --model MODEL_DIR")
     if args.restore:
         restored = restore(args.dir, args.restore)  # first: the backup it names is never cleaned away
         clean(args.dir)
@@ -145,9 +151,51 @@ def caption_command(args) -> int:
     edits = Edits(args.create_missing, replace, [t.strip() for t in args.remove], args.dedupe,
                   args.trigger or args.prefix)
     if edits.is_empty():
-        raise ImgloraError("nothing to do", "give --trigger, --replace, --remove, --dedupe or --create-missing")
+        raise ImgloraError("nothing to do", "give --trigger, --replace, --remove, --dedupe or --create-missing, "
+                           "or --model to write captions with a model")
     changes, notes = plan(args.dir, edits, args.extension)
     return _preview_or_apply(args.dir, changes, notes, args.dry_run, "caption file(s)")
+
+
+# `caption` options that only apply with --model (dest names)
+GENERATION_FLAGS = ("overwrite", "append", "limit", "batch_size", "device", "prompt", "max_new_tokens",
+                    "min_new_tokens", "num_beams", "dtype", "threshold", "character_threshold", "exclude_tags",
+                    "replace_underscores", "max_tags", "ratings")
+
+
+def autocaption_command(args) -> int:
+    """`caption DIR --model MODEL`: write captions with a local model (datasets_tools/autocaption.py)."""
+    from .autocaption import caption_folder, summary
+    from .caption import diff
+
+    edits = [flag for flag, given in (("--replace", args.replace), ("--remove", args.remove), ("--dedupe", args.dedupe),
+                                      ("--create-missing", args.create_missing), ("--restore", args.restore)) if given]
+    if edits:
+        raise ImgloraError(f"--model writes captions and {edits[0]} edits them", "run them as two commands")
+    if args.trigger and args.prefix:
+        raise ImgloraError("--trigger and --prefix both given", "use one (they do the same thing)")
+    if args.overwrite and args.append:
+        raise ImgloraError("--overwrite and --append both given", "use one: --overwrite replaces a caption, "
+                           "--append adds after it")
+    existing = "overwrite" if args.overwrite else "append" if args.append else "skip"
+    exclude = [t.strip() for group in args.exclude_tags for t in group.split(",") if t.strip()] or None
+    options = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                   num_beams=args.num_beams, device=args.device, dtype=args.dtype, threshold=args.threshold,
+                   character_threshold=args.character_threshold, exclude_tags=exclude,
+                   replace_underscores=args.replace_underscores, max_tags=args.max_tags, ratings=args.ratings or None)
+    if not args.dry_run:
+        clean(args.dir)
+    result = caption_folder(args.dir, args.model, existing=existing, trigger=args.trigger or args.prefix,
+                            extension=args.extension, batch_size=args.batch_size, limit=args.limit,
+                            dry_run=args.dry_run, progress=not args.quiet, options=options)
+    for note in result.notes:
+        print_note(note)
+    for path, reason in result.failed:
+        print(f"skipped {shown(path)}: {escaped(reason)}", file=sys.stderr)
+    if args.dry_run:
+        sys.stdout.write(diff(result.changes, args.dir))
+    print(summary(args.dir, result, existing, args.dry_run), file=sys.stderr)
+    return 130 if result.interrupted else 0
 
 
 def _preview_or_apply(folder, changes, notes, dry_run: bool, what: str) -> int:
@@ -262,20 +310,61 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.set_defaults(func=stats_command)
 
-    e = sub.add_parser("caption", help="bulk-edit sidecar captions (with a backup)")
-    e.add_argument("dir", help="training folder whose captions to edit")
+    e = sub.add_parser("caption", help="bulk-edit sidecar captions, or write them with a local model (--model)",
+                       description="Edit sidecar captions in bulk (every changed file is backed up first), or, with "
+                       "--model, write captions with a local captioning model: a transformers captioner (BLIP, "
+                       "BLIP-2, Florence-2, Qwen2-VL, Qwen2.5-VL, LLaVA/JoyCaption) or a WD tagger (model.onnx + "
+                       "selected_tags.csv). Models are never downloaded.",
+                       epilog="examples:\n"
+                       "  imglora-data caption data --trigger sks --dry-run\n"
+                       "  imglora-data caption data --model models/wd-vit-tagger-v3 --trigger sks --threshold 0.4\n"
+                       "  imglora-data caption data --model models/Florence-2-large --prompt '<CAPTION>'\n"
+                       "  imglora-data caption data --model models/Qwen2.5-VL-3B-Instruct --limit 5 --dry-run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("dir", help="training folder whose captions to edit or write")
     e.add_argument("--trigger", help="trigger word put in front of every caption (unless already there)")
     e.add_argument("--prefix", help="same as --trigger, for any text")
-    e.add_argument("--replace", action="append", default=[], metavar="OLD=NEW", help="replace a tag (repeatable)")
-    e.add_argument("--remove", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)")
-    e.add_argument("--dedupe", action="store_true", help="remove repeated tags")
-    e.add_argument("--create-missing", metavar="filename|folder|TEMPLATE",
-                   help="write captions for images without one ({folder} and {stem} in a template)")
     e.add_argument("--extension", default=".txt", help="caption extension to create (existing .txt/.caption "
                    "files are edited where they are; default: %(default)s)")
     e.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
-    e.add_argument("--restore", metavar="BACKUP", help="undo an edit: put back the files of this backup folder")
     common(e, workers=False)
+    ed = e.add_argument_group("editing captions")
+    ed.add_argument("--replace", action="append", default=[], metavar="OLD=NEW", help="replace a tag (repeatable)")
+    ed.add_argument("--remove", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)")
+    ed.add_argument("--dedupe", action="store_true", help="remove repeated tags")
+    ed.add_argument("--create-missing", metavar="filename|folder|TEMPLATE",
+                    help="write captions for images without one ({folder} and {stem} in a template)")
+    ed.add_argument("--restore", metavar="BACKUP", help="undo an edit: put back the files of this backup folder")
+    g = e.add_argument_group("writing captions with a model (--model)",
+                             "Images that already have a caption are skipped unless --overwrite or --append.")
+    g.add_argument("--model", metavar="MODEL_DIR", help="local model folder: a transformers captioner (config.json) "
+                   "or a WD tagger (model.onnx + selected_tags.csv)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing captions (backed up)")
+    g.add_argument("--append", action="store_true", help="add the new caption after the existing one")
+    g.add_argument("--limit", type=positive(int), metavar="N", help="caption at most N images (try a prompt first)")
+    g.add_argument("--batch-size", type=positive(int), help="images per model call (default: 16 for a tagger, "
+                   "8 for a transformers model on a GPU, 2 on a CPU)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
+    t = e.add_argument_group("transformers captioners")
+    t.add_argument("--prompt", help="the instruction for chat models (Qwen, LLaVA), the task for Florence-2 "
+                   "(e.g. '<CAPTION>', '<MORE_DETAILED_CAPTION>'), a text prefix for BLIP (default: per family; "
+                   "Florence-2 '<DETAILED_CAPTION>')")
+    t.add_argument("--max-new-tokens", type=positive(int), help="longest caption in tokens (default: 96)")
+    t.add_argument("--min-new-tokens", type=positive(int), help="shortest caption in tokens (default: none)")
+    t.add_argument("--num-beams", type=positive(int), help="beam search width; 1 is greedy (default: 1)")
+    t.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights dtype (default: auto: bfloat16 or float16 on a GPU, float32 on a CPU)")
+    w = e.add_argument_group("WD taggers")
+    w.add_argument("--threshold", type=float, help="confidence a general tag needs (default: 0.35)")
+    w.add_argument("--character-threshold", type=float, help="confidence a character tag needs (default: 0.85)")
+    w.add_argument("--exclude-tags", action="append", default=[], metavar="TAG,TAG",
+                   help="tags never written, comma-separated (repeatable; 'long_hair' = 'long hair')")
+    w.add_argument("--replace-underscores", action=argparse.BooleanOptionalAction,
+                   help="write 'long hair' for 'long_hair' (kaomoji such as ^_^ keep theirs; default: on)")
+    w.add_argument("--max-tags", type=positive(int), help="at most this many tags per image, most confident first "
+                   "(default: no limit)")
+    w.add_argument("--ratings", action="store_true", help="put the likeliest rating tag (general, sensitive, "
+                   "questionable, explicit) first")
     e.set_defaults(func=caption_command)
 
     r = sub.add_parser("resize", help="write upright, flattened, resized copies into OUT")
