@@ -138,8 +138,23 @@ def _output_names(out: str | None, n: int, overwrite: bool) -> list[Path]:
 def inspect_command(args) -> None:
     from .formats.inspect import describe, render
 
-    info = describe(args.file)
-    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else render(info))
+    infos = [describe(f) for f in args.files]
+    if len(args.files) == 1:
+        print(json.dumps(infos[0], indent=2, ensure_ascii=False) if args.json else render(infos[0]))
+        return
+    from .formats.lora_file import load_adapter
+    from .ops import interact
+
+    names = [Path(f).stem for f in args.files]
+    if len(set(names)) < len(names):
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    adapters = {n: load_adapter(f)[0] for n, f in zip(names, args.files)}
+    weights = _model_weights(args, list(adapters.values()), args.files[0]) if args.model else None
+    result = interact.report(adapters, base_weights=weights)
+    if args.json:
+        print(json.dumps({"files": infos, "interaction": result}, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join([render(i) for i in infos] + ["How they interact, per block:\n" + interact.render(result)]))
 
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
@@ -414,9 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(t)
     t.set_defaults(func=train_command)
 
-    i = sub.add_parser("inspect", help="format, base model, rank, alpha, targets and metadata of an adapter")
-    i.add_argument("file", help="adapter .safetensors file (kohya or diffusers format)")
+    i = sub.add_parser("inspect", help="format, base model, rank, alpha, targets and metadata of an adapter; "
+                                       "with several, how they interact per block")
+    i.add_argument("files", nargs="+", metavar="FILE", help="adapter .safetensors file(s), any format and kind; "
+                   "with two or more: each one's ΔW norm per block, their cosine overlaps and top singular values")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
+    model_options(i, "with several files: the base model, for kinds whose ΔW depends on it (DoRA, OFT, (IA)³, "
+                     "GLoRA; default: such modules are left out of the interaction report)")
     i.set_defaults(func=inspect_command)
 
     c = sub.add_parser("convert", help="rewrite an adapter in kohya or diffusers format, or any kind as a plain LoRA")
