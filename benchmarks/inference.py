@@ -212,6 +212,51 @@ def bench_mixed(unet, device, dtype, size: int, rank: int = 16, reps: int = 3, c
     return results
 
 
+def bench_control(unet, device, dtype, size: int, rank: int = 16, reps: int = 3, steps: int = 20, log=print) -> dict:
+    """Blend control at run time, two LoRA adapters on the transformer layers: a denoising step (apply the blend
+    at that step, then one UNet forward) with a weight that changes at every step (loractl keyframes) beside
+    the same step with constant weights; and a forward with block weights (non-zero in every block, so the
+    work is the same) beside plain weights. Adjacent pairs, medians over `reps` runs of `steps` steps."""
+    from imglora.lora.blocks import BLOCKS26
+    from imglora.lora.schedule import Schedule
+    from imglora.lora.state import Blend
+
+    unet.to(device, dtype).eval()
+    holder = type("P", (), {})()
+    holder.unet = unet
+    ours = Adapters(holder)
+    keys = ours.targets("transformer")
+    for i in range(2):
+        ours.load(f"a{i}", random_adapter(unet, keys, rank, seed=i), dtype=dtype)
+    call = UNetCall(unet, 1, size, device, dtype)
+    plain = Blend({"a0": 0.7, "a1": 0.5})
+    scheduled = Blend({"a0": 0.7, "a1": 0.5}, schedules={"a0": Schedule(keys=((0.0, 0.0), (1.0, 1.0)))})
+    blocks = Blend({"a0": 0.7, "a1": 0.5}, blocks={"a0": tuple(0.3 + 0.05 * i for i in range(len(BLOCKS26)))})
+
+    def run(blend):
+        for k in range(steps):
+            ours.apply(blend, k, steps)
+            call()
+
+    ratios: dict[str, list[float]] = {}
+    for _ in range(reps):
+        run(plain)
+        const = timed(lambda: run(plain), device)
+        sched = timed(lambda: run(scheduled), device)
+        ratios.setdefault("schedule_step_x", []).append(sched / const)
+        ours.apply(plain)
+        call()
+        flat = timed(call, device, 3)
+        ours.apply(blocks)
+        call()
+        ratios.setdefault("block_weights_x", []).append(timed(call, device, 3) / flat)
+    results = {k: statistics.median(v) for k, v in ratios.items()}
+    results["control_step_s"] = const / steps
+    ours.remove_all()
+    log(f"blend control: {results}")
+    return results
+
+
 def _cycle(ours, adapters, dtype):
     for i, a in enumerate(adapters):
         ours.load(f"c{i}", a, weight=0.5, dtype=dtype)

@@ -1,6 +1,7 @@
 """The benchmark harness: one command, a JSON result and a markdown table.
 
     python -m benchmarks.run --suite inference --model sd15 --size 256
+    python -m benchmarks.run --suite control --model sd15 --size 256
     python -m benchmarks.run --suite training --model tiny --diffusers-script PATH
     python -m benchmarks.run --suite training --model sd15 --steps 10 --variants no-cache,checkpointing,int8
     python -m benchmarks.run --suite scaling --model tiny --size 128
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SUITES = ("inference", "training", "scaling", "data")
+SUITES = ("inference", "control", "training", "scaling", "data")
 
 
 def model_path(name: str) -> str:
@@ -93,6 +94,15 @@ def main(argv=None) -> int:
                                                with_peft=not args.no_peft, log=lambda s: print(s, file=sys.stderr))
         results["inference"].update(bench_mixed(pipe.unet, device, dtype, args.size, reps=args.reps,
                                                 log=lambda s: print(s, file=sys.stderr)))
+        del pipe
+    if "control" in suites:
+        from imglora.models.load import load_pipeline
+
+        from .inference import bench_control
+
+        pipe = load_pipeline(path)
+        results["control"] = bench_control(pipe.unet, device, dtype, args.size, reps=args.reps,
+                                           log=lambda s: print(s, file=sys.stderr))
         del pipe
     if "training" in suites:
         from .training import bench_training
