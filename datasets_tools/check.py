@@ -24,7 +24,8 @@ from imglora.data.captions import (CAPTION_EXTENSIONS, Walk, add_prefix, check_f
                                    read_metadata, repeat_folder, sidecar, walk)
 from imglora.data.images import EXTENSION_FORMATS, ImageInfo, has_alpha, open_file, orientation, to_rgb
 from imglora.data.scan import inspect_image, parallel_map
-from imglora.errors import ImgloraError
+from imglora.errors import ImgloraError, shown
+from imglora.train.masks import find_mask, fits, inside, mask_index, read_mask
 
 ODD_MODES = {"CMYK": "CMYK", "LA": "grey with alpha", "La": "grey with alpha", "PA": "palette with alpha",
              "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer",
@@ -43,7 +44,7 @@ class Finding:
     path: str
     reason: str
     fix: str
-    kind: str  # image, caption, duplicate, folder
+    kind: str  # image, mask, caption, duplicate, folder
     severity: str = "warning"  # error: training cannot use it; warning: it trains, probably not as meant
 
 
@@ -92,7 +93,7 @@ MAX_UPSCALE = 2.0  # an image enlarged more than this per side to fill its bucke
 def inspect_file(path: Path, min_side: int, max_aspect: float, bucket_of=None, resolution: int | None = None) -> dict:
     """Everything about one image file: its problems, content hash and Pixels. `bucket_of`: the trainer's
     bucket rule at `resolution` (data.buckets.bucketer), to find images that would train much enlarged."""
-    out: dict = {"path": path, "problems": [], "sha": None, "pixels": None}
+    out: dict = {"path": path, "problems": [], "sha": None, "pixels": None, "size": None}
     try:
         with open_file(path) as f:
             data = f.read()
@@ -101,7 +102,7 @@ def inspect_file(path: Path, min_side: int, max_aspect: float, bucket_of=None, r
     except ImgloraError as e:
         out["problems"].append((e.what, e.fix or "remove it or copy it again", "error"))
         return out
-    out["pixels"] = pixels
+    out["pixels"], out["size"] = pixels, info.size
     w, h = info.size
     expected = EXTENSION_FORMATS[path.suffix.lower()]
     if info.format != expected and not (info.format == "MPO" and expected == "JPEG"):
@@ -238,6 +239,54 @@ def caption_findings(found: Walk, root: Path, max_tokens: int, tokenizer=None, f
     return out
 
 
+# -- masks (--masked-loss --mask-dir) ---------------------------------------------------------------
+def inspect_mask(mask: Path, image: Path | None, size, root: Path) -> list[Finding]:
+    """A mask decoded whole: unreadable, not its image's shape, or all black (its image trains nothing)."""
+    name = image.relative_to(root) if image else None
+    try:
+        weights = read_mask(mask)
+    except ImgloraError as e:
+        return [Finding(str(mask), f"unreadable mask{f' of {name}' if name else ''} ({e.what.removeprefix('mask: ')})",
+                        e.fix or "re-save it or remove it", "mask", "error")]
+    out = []
+    if image is None:
+        out.append(Finding(str(mask), "mask without an image", f"remove it, or add its image to {root} under the "
+                           "same name", "mask"))
+    elif size is not None and not fits(weights.size, size):
+        (mw, mh), (w, h) = weights.size, size
+        out.append(Finding(str(mask), f"mask {mw}x{mh} does not fit its image {name} ({w}x{h}, another aspect "
+                           "ratio)", "re-save the mask at the image's size (a resize to the same aspect ratio "
+                           "also works)", "mask", "error"))
+    if image is not None and weights.getextrema()[1] <= 0:
+        out.append(Finding(str(mask), f"all-black mask: {name} trains nothing with --masked-loss",
+                           "paint what should train white, or remove the mask to train the whole image", "mask"))
+    return out
+
+
+def mask_findings(found: Walk, root: Path, mask_dir, sizes: dict, workers=None,
+                  progress: bool = True) -> tuple[list[Finding], list[str]]:
+    """Findings for every mask in `mask_dir` as the trainer pairs them with images, and a note counting the
+    images without one (they train whole)."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise ImgloraError("no such mask folder", "pass the folder of masks named as the images", path=mask_dir)
+    index = mask_index(mask_dir)
+    pairs = {}  # mask -> the first image it belongs to
+    unmasked = 0
+    for image in found.images:
+        mask = find_mask(image, root, index)
+        if mask is None:
+            unmasked += 1
+        else:
+            pairs.setdefault(mask, image)
+    masks = sorted({*index[0].values(), *index[1].values()})
+    results = parallel_map(lambda m: inspect_mask(m, pairs.get(m), sizes.get(pairs.get(m)), root), masks,
+                           workers, "checking masks", progress)
+    notes = [f"{unmasked} of {len(found.images)} images have no mask in {shown(mask_dir)}; with --masked-loss "
+             "they train on the whole image"] if unmasked else []
+    return [f for r in results for f in r], notes
+
+
 # -- duplicates -------------------------------------------------------------------------------------
 NEAR_MEAN_LEVELS, NEAR_CELL_LEVELS, NEAR_CELLS = 6, 24, 3
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -293,13 +342,17 @@ def check_folder(root, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = 4.0, 
                  fallback: str | None = None, trigger: str | None = None, caption_extensions=CAPTION_EXTENSIONS,
                  resolution: int | None = None,
                  bucket_step: int = 64, min_bucket: int | None = None, max_bucket: int | None = None,
-                 no_upscale: bool = False) -> Report:
+                 no_upscale: bool = False, mask_dir=None) -> Report:
     """Every problem under `root`, image by image, then captions, then duplicates. With `resolution` (and
-    the other bucket settings, as in training), images that would train much enlarged are reported too."""
+    the other bucket settings, as in training), images that would train much enlarged are reported too.
+    With `mask_dir`, every mask as --masked-loss pairs it (a mask folder inside `root` holds no images)."""
     root = Path(root)
     check_fallback(fallback)
     bucket_of = bucketer(resolution, bucket_step, min_bucket, max_bucket) if resolution and not no_upscale else None
     found = walk(root)
+    if mask_dir is not None:
+        for files in (found.images, found.others, found.metadata):
+            files[:] = [p for p in files if not inside(p, mask_dir)]
     findings = [Finding(str(p), why, "remove the link" if "link" in why else "check its permissions", "folder")
                 for p, why in found.skipped]
     entries = parallel_map(lambda p: inspect_file(p, min_side, max_aspect, bucket_of, resolution), found.images,
@@ -308,7 +361,13 @@ def check_folder(root, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = 4.0, 
         findings += [Finding(str(e["path"]), why, fix, "image", sev) for why, fix, sev in e["problems"]]
     findings += caption_findings(found, root, max_tokens, tokenizer, fallback, trigger, caption_extensions)
     findings += duplicate_findings([e for e in entries if e["sha"]], near_bits)
-    order = {"folder": 0, "image": 1, "caption": 2, "duplicate": 3}
+    notes = folder_notes(root, found, skipped=False)
+    if mask_dir is not None:
+        more, mask_notes = mask_findings(found, root, mask_dir, {e["path"]: e["size"] for e in entries}, workers,
+                                         progress)
+        findings += more
+        notes += mask_notes
+    order = {"folder": 0, "image": 1, "mask": 2, "caption": 3, "duplicate": 4}
     findings.sort(key=lambda f: (f.path, order[f.kind]))
-    return Report(str(root), len(found.images), findings, folder_notes(root, found, skipped=False))
+    return Report(str(root), len(found.images), findings, notes)
 

@@ -74,7 +74,8 @@ def check_command(args) -> int:
                           fallback=args.caption_fallback, trigger=args.trigger,
                           caption_extensions=tuple(dict.fromkeys((args.caption_extension, ".txt", ".caption"))),
                           resolution=training_resolution(args), bucket_step=args.bucket_step,
-                          min_bucket=args.min_bucket, max_bucket=args.max_bucket, no_upscale=args.no_upscale)
+                          min_bucket=args.min_bucket, max_bucket=args.max_bucket, no_upscale=args.no_upscale,
+                          mask_dir=args.mask_dir)
     if args.json:
         print(json.dumps(report.as_dict(), indent=1, ensure_ascii=False))
     else:
@@ -249,8 +250,11 @@ def convert_command(args) -> int:
 def synth_command(args) -> int:
     from .synth import synth
 
-    written = synth(args.out, args.n, args.seed, args.size, args.shapes, args.colours, args.backgrounds, args.word)
-    print(f"{len(written)} images with captions in {shown(args.out)}", file=sys.stderr)
+    written = synth(args.out, args.n, args.seed, args.size, args.shapes, args.colours, args.backgrounds, args.word,
+                    distractor_masks=args.distractor)
+    print(f"{len(written)} images with captions in {shown(args.out)}"
+          + (f", masks of their main shape in {shown(args.distractor)} (train with --masked-loss --mask-dir "
+             f"{shell_word(args.distractor)})" if args.distractor else ""), file=sys.stderr)
     return 0
 
 
@@ -294,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trigger", help="as in training: counted in the caption length")
     c.add_argument("--caption-extension", default=".txt", help="as in training: sidecar caption extension "
                    "(.txt and .caption are read too; default: %(default)s)")
+    c.add_argument("--mask-dir", metavar="DIR", help="as in training (--masked-loss --mask-dir): also check the "
+                   "masks in DIR, named as the images (unreadable, another aspect ratio, all black, without an image)")
     c.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     training(c)
     common(c)
@@ -406,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--colours", nargs="+", help="shape colours to use (default: all)")
     y.add_argument("--backgrounds", nargs="+", help="background colours to use (default: all)")
     y.add_argument("--word", action="append", default=[], metavar="SHAPE=WORD", help="caption a shape as WORD")
+    y.add_argument("--distractor", metavar="MASKS", help="draw an uncaptioned distractor shape beside each shape and "
+                   "write masks of the main shape into MASKS (a new folder outside OUT), for --masked-loss")
     y.set_defaults(func=synth_command)
     return p
 

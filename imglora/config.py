@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -83,6 +84,18 @@ class TrainConfig:
     te_mlp: bool = opt(False, "with --train-text-encoder, also adapt the MLP fc1/fc2")
     init: str = opt("kaiming", "initialisation of A", ("kaiming", "gaussian"))
     lora_dropout: float = opt(0.0, "dropout on the adapter input")
+    # pivotal tuning / textual inversion
+    train_embedding: str | None = opt(None, "also train a new token TOKEN (textual inversion) in every text encoder, "
+                                            "with the adapter (pivotal tuning): captions must contain it; saved in "
+                                            "NAME.safetensors (A1111's bundled embedding) and NAME-emb.safetensors "
+                                            "(default: none)")
+    embedding_vectors: int = opt(1, "with --train-embedding: vectors of the token (TOKEN in a prompt stands for "
+                                    "TOKEN TOKEN_1 ... as in A1111 and diffusers)")
+    embedding_init: str = opt("*", "with --train-embedding: a word of one token whose embedding the vectors start "
+                                   "from (A1111's default is *)")
+    embedding_lr: float = opt(5e-3, "with --train-embedding: learning rate of the token's vectors (A1111's "
+                                    "textual-inversion default)")
+    embedding_only: bool = opt(False, "with --train-embedding: train only the token, no adapter (textual inversion)")
     # optimisation
     steps: int | None = opt(None, "training steps (default: 500 unless --epochs is given)")
     epochs: int | None = opt(None, "passes over the data (default: none, --steps counts)")
@@ -90,12 +103,23 @@ class TrainConfig:
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(1e-4, "learning rate of the UNet adapter")
     text_encoder_lr: float | None = opt(None, "learning rate of the text-encoder adapter (default: --lr)")
-    optimizer: str = opt("adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt)",
-                         ("adamw", "adamw8bit", "prodigy"))
+    optimizer: str = opt("adamw", "optimizer (adamw8bit needs bitsandbytes, prodigy needs prodigyopt; adafactor: "
+                                  "transformers' Adafactor at the given --lr, as kohya recommends it; schedulefree: "
+                                  "schedule-free AdamW, needs --lr-scheduler constant, warms up by --warmup-steps "
+                                  "itself, and samples, validates and saves its averaged weights)",
+                         ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree"))
     weight_decay: float = opt(1e-2, "AdamW weight decay")
     lr_scheduler: str = opt("constant", "learning-rate schedule", ("constant", "cosine", "linear"))
     warmup_steps: int = opt(0, "linear warm-up steps")
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the up factors (B, lora_up) train at this many times the "
+                                                "rate of the down factors, UNet and text encoder alike (16 is the "
+                                                "paper's; --adapter lora or dora; default: off)")
+    ema: bool = opt(False, "keep an exponential moving average of the adapter weights: NAME.safetensors and the "
+                           "samples use it, NAME-raw.safetensors holds the trained weights")
+    ema_decay: float = opt(0.999, "with --ema: ema = decay * ema + (1 - decay) * weights at each update")
+    ema_start_step: int = opt(0, "with --ema: until this step the average just follows the weights")
+    ema_update_every: int = opt(1, "with --ema: update the average every N optimizer steps")
     seed: int = opt(0, "random seed: the same seed and data give the same adapter")
     mixed_precision: str = opt("no", "frozen base in half precision (adapters stay fp32)", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory (slower)")
@@ -116,9 +140,44 @@ class TrainConfig:
     cache_text: bool = opt(True, "encode captions once when the text encoder is frozen and captions are fixed")
     min_snr_gamma: float | None = opt(None, "min-SNR loss weighting gamma (5 is common; default: off)")
     noise_offset: float = opt(0.0, "noise offset")
+    multires_noise_iterations: int = opt(0, "multi-resolution (pyramid) noise: noise at up to N coarser scales "
+                                            "added to the noise, as kohya (6 to 10 is common; 0: off)")
+    multires_noise_discount: float = opt(0.3, "with --multires-noise-iterations: the weight of scale i is this "
+                                              "to the power i")
+    min_timestep: int = opt(0, "training timesteps are drawn from [--min-timestep, --max-timestep)")
+    max_timestep: int | None = opt(None, "upper end of the training timesteps, excluded (default: the model's "
+                                         "number of timesteps, 1000)")
+    timestep_sampling: str = opt("uniform", "how training timesteps are drawn: uniform, or logit_normal (SD3's: "
+                                            "more of the middle timesteps)", ("uniform", "logit_normal"))
+    logit_mean: float = opt(0.0, "with --timestep-sampling logit_normal: the mean of the normal (above 0: noisier)")
+    logit_std: float = opt(1.0, "with --timestep-sampling logit_normal: the std of the normal")
+    timestep_bias: str = opt("none", "draw the earliest (detail) or latest (composition) --timestep-bias-portion "
+                                     "of the timesteps --timestep-bias-multiplier times as often (diffusers' "
+                                     "timestep_bias_strategy)", ("none", "earlier", "later"))
+    timestep_bias_multiplier: float = opt(1.0, "with --timestep-bias: how much more often (below 1: less often)")
+    timestep_bias_portion: float = opt(0.25, "with --timestep-bias: the share of the timesteps it favours")
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule so its last step is pure noise (Lin et al. "
+                                         "2023) and sample with the matching setting (trailing timesteps); needs "
+                                         "a v-prediction model")
+    debiased_estimation: bool = opt(False, "weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), as kohya's "
+                                           "--debiased_estimation_loss")
+    loss: str = opt("l2", "loss function: l2 (MSE), l1, or kohya's huber and smooth_l1 (robust to outliers)",
+                    ("l2", "l1", "huber", "smooth_l1"))
+    huber_c: float = opt(0.1, "with --loss huber or smooth_l1: the threshold c (its value at the noisiest step "
+                              "with --huber-schedule exponential or snr)")
+    huber_schedule: str = opt("snr", "with --loss huber or smooth_l1: c over the timesteps, as kohya: constant, "
+                                     "exponential (from 1 down to c) or snr (from about 1 at clean steps down to c)",
+                              ("constant", "exponential", "snr"))
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption")
     shuffle_captions: bool = opt(False, "shuffle comma-separated tags")
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling")
+    masked_loss: bool = opt(False, "weight the loss per pixel by a mask (white: trains, black: ignored, grey: in "
+                                   "between), from --mask-dir or --alpha-mask; images without one train whole")
+    mask_dir: str | None = opt(None, "with --masked-loss: folder of masks named as the images (DIR/stem.png, any "
+                                     "image type; subfolders mirror --data's), greyscale (default: none)")
+    alpha_mask: bool = opt(False, "with --masked-loss: each image's own alpha channel is its mask")
+    mask_floor: float = opt(0.0, "with --masked-loss: the least weight a pixel gets, so black regions still train a "
+                                 "little (OneTrainer's unmasked weight)")
     device: str | None = opt(None, "cpu or cuda (default: accelerate's choice)")
     workers: int = opt(2, "threads for image decoding")
     log_every: int = opt(1, "log loss every N steps")
@@ -157,13 +216,73 @@ class TrainConfig:
             if max(alphas) > 65504:  # it would be saved as inf: a run lost at its very end
                 raise ImgloraError(f"alpha {max(alphas):g} does not fit --save-precision fp16 (largest 65504)",
                                    "use --save-precision bf16 or fp32, or a smaller --alpha")
+        self._check_embedding()
         if self.lora_dropout and self.adapter != "lora":
             raise ImgloraError(f"--lora-dropout works with --adapter lora, not {self.adapter}", "leave it out")
         if self.adapter != "lokr" and (self.lokr_factor != -1 or self.lokr_full_matrix):
             raise ImgloraError("--lokr-factor and --lokr-full-matrix need --adapter lokr")
+        if self.masked_loss and bool(self.mask_dir) == self.alpha_mask:
+            raise ImgloraError("--masked-loss needs one source of masks" if not self.mask_dir else
+                               "--mask-dir and --alpha-mask both given", "pass --mask-dir DIR or --alpha-mask")
+        if not self.masked_loss and (self.mask_dir or self.alpha_mask or self.mask_floor):
+            raise ImgloraError("--mask-dir, --alpha-mask and --mask-floor need --masked-loss", "add --masked-loss")
         if self.crop == "random" and self.cache_latents != "none":
             raise ImgloraError("--crop random needs fresh crops every epoch, so latents cannot be cached",
                                "add --cache-latents none, or use --crop center")
+        self._check_methods()
+
+    def _check_embedding(self) -> None:
+        """The textual-inversion options; the checks that need the tokenizer come when the model is loaded."""
+        token = self.train_embedding
+        if token is None:
+            unused = [_flag(k) for k in ("embedding_vectors", "embedding_init", "embedding_lr", "embedding_only")
+                      if getattr(self, k) != FIELDS[k].default]
+            if unused:
+                raise ImgloraError(f"{' and '.join(unused)} need{'s' if len(unused) == 1 else ''} --train-embedding "
+                                   "TOKEN")
+            return
+        if not token or token != token.lower() or "." in token or any(c.isspace() for c in token):
+            raise ImgloraError(f"--train-embedding {token!r} must be one lower-case word without dots",
+                               "CLIP lower-cases prompts, and A1111's bundled-embedding keys split at dots")
+        if self.embedding_only and self.train_text_encoder:
+            raise ImgloraError("--embedding-only trains no adapter, so --train-text-encoder has nothing to train",
+                               "leave out one of them")
+
+    def _check_methods(self) -> None:
+        """Timesteps, noise, loss, LoRA+, the optimizers' needs and EMA: an option given without the one it
+        belongs to is an error, never silently ignored."""
+
+        def given(*names):
+            """'--a and --b need' / '--a needs' for those of `names` not at their defaults ('' if none)."""
+            flags = [_flag(k) for k in names if getattr(self, k) != FIELDS[k].default]
+            return f"{' and '.join(flags)} need{'s' if len(flags) == 1 else ''}" if flags else ""
+
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ImgloraError(f"--min-timestep {self.min_timestep} is not below --max-timestep {self.max_timestep}",
+                               "timesteps are drawn from [min, max): make --max-timestep larger")
+        if self.timestep_sampling != "logit_normal" and given("logit_mean", "logit_std"):
+            raise ImgloraError(f"{given('logit_mean', 'logit_std')} --timestep-sampling logit_normal")
+        if self.timestep_bias == "none" and given("timestep_bias_multiplier", "timestep_bias_portion"):
+            raise ImgloraError(f"{given('timestep_bias_multiplier', 'timestep_bias_portion')} "
+                               "--timestep-bias earlier or later")
+        if self.loss not in ("huber", "smooth_l1") and given("huber_c", "huber_schedule"):
+            raise ImgloraError(f"{given('huber_c', 'huber_schedule')} --loss huber or smooth_l1")
+        if not self.multires_noise_iterations and given("multires_noise_discount"):
+            raise ImgloraError("--multires-noise-discount needs --multires-noise-iterations N")
+        if self.loraplus_lr_ratio is not None and self.adapter not in ("lora", "dora"):
+            raise ImgloraError(f"--loraplus-lr-ratio works with --adapter lora or dora, not {self.adapter}",
+                               "LoRA+ speeds up the up factor of a low-rank pair (kohya and LyCORIS apply it to "
+                               "lora_up only); leave it out")
+        if self.optimizer == "schedulefree" and self.lr_scheduler != "constant":
+            raise ImgloraError(f"--optimizer schedulefree replaces the schedule; --lr-scheduler {self.lr_scheduler} "
+                               "would fight it", "use --lr-scheduler constant (--warmup-steps still warms up)")
+        if not self.ema and given("ema_decay", "ema_start_step", "ema_update_every"):
+            raise ImgloraError(f"{given('ema_decay', 'ema_start_step', 'ema_update_every')} --ema")
+        if self.ema and self.ema_decay >= 1:
+            raise ImgloraError(f"--ema-decay must be below 1, got {self.ema_decay}", "0.999 is common")
+        if self.ema and self.optimizer == "schedulefree":
+            raise ImgloraError("--ema with --optimizer schedulefree: schedule-free already ships an average of "
+                               "the weights", "leave out --ema, or use another optimizer")
 
 
 def _flag(name: str) -> str:
@@ -181,9 +300,16 @@ RANGES = {
     "log_every": (1, None, False), "keep_last": (1, None, False), "prior_loss_weight": (0, None, False),
     "noise_offset": (0, 1, False), "min_snr_gamma": (0, None, True), "caption_dropout": (0, 0.99, False),
     "keep_tokens": (0, None, False), "workers": (1, 256, False), "max_bad": (0, 1, False),
+    "mask_floor": (0, 1, False),
+    "min_timestep": (0, None, False), "max_timestep": (1, None, False), "logit_mean": (-10, 10, False),
+    "logit_std": (0, 10, True), "timestep_bias_multiplier": (0, 1000, True), "timestep_bias_portion": (0, 1, True),
+    "multires_noise_iterations": (0, 100, False), "multires_noise_discount": (0, 1, True), "huber_c": (0, 1, True),
+    "loraplus_lr_ratio": (0, 1000, True), "ema_decay": (0, 1, True), "ema_start_step": (0, None, False),
+    "ema_update_every": (1, None, False),
     "min_image_side": (1, None, False), "sample_steps": (1, 1000, False), "sample_guidance": (0, 100, False),
     "resolution": (8, 8192, False), "bucket_step": (8, None, False), "min_bucket": (8, None, False),
     "max_bucket": (8, None, False),
+    "embedding_vectors": (1, 64, False), "embedding_lr": (0, 10, True),
 }
 _RANGE_FIX = {"alpha": "alpha 0 trains nothing: the update is scaled by alpha/rank (default alpha = rank)",
               "conv_alpha": "alpha 0 trains nothing: the update is scaled by alpha/rank",
@@ -197,13 +323,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HELP_GROUPS = {
     "data": ("data", "reg_data", "prior_loss_weight", "caption_extension", "caption_fallback", "trigger", "max_bad",
              "min_image_side", "val_count", "resolution", "bucket_step", "min_bucket", "max_bucket", "no_upscale",
-             "crop", "flip", "caption_dropout", "shuffle_captions", "keep_tokens"),
+             "crop", "flip", "caption_dropout", "shuffle_captions", "keep_tokens", "masked_loss", "mask_dir",
+             "alpha_mask", "mask_floor"),
     "model": ("model", "model_config", "device"),
     "adapter": ("adapter", "lokr_factor", "lokr_full_matrix", "targets", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "te_mlp", "init",
-                "lora_dropout"),
+                "lora_dropout", "train_embedding", "embedding_vectors", "embedding_init", "embedding_lr",
+                "embedding_only"),
     "optimisation": ("steps", "epochs", "batch_size", "grad_accum", "lr", "text_encoder_lr", "optimizer",
-                     "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm", "min_snr_gamma", "noise_offset",
-                     "seed"),
+                     "weight_decay", "lr_scheduler", "warmup_steps", "max_grad_norm", "loraplus_lr_ratio", "ema",
+                     "ema_decay", "ema_start_step", "ema_update_every", "loss", "huber_c", "huber_schedule",
+                     "min_snr_gamma", "debiased_estimation", "noise_offset", "multires_noise_iterations",
+                     "multires_noise_discount", "min_timestep", "max_timestep", "timestep_sampling", "logit_mean",
+                     "logit_std", "timestep_bias", "timestep_bias_multiplier", "timestep_bias_portion",
+                     "zero_terminal_snr", "seed"),
     "speed and memory": ("mixed_precision", "gradient_checkpointing", "compile", "quantize_base", "cache_latents",
                          "cache_dir", "cache_text", "workers"),
     "output": ("output", "name", "save_format", "save_precision", "overwrite", "log_every"),
@@ -270,6 +402,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kwargs)
 
 
+def config_values(toml: dict, path=None) -> dict:
+    """TOML keys (with - or _) as field values: an unknown key or a wrong type is an error naming the key."""
+    values = {}
+    for key, value in toml.items():
+        key = key.replace("-", "_")
+        if key not in FIELDS:
+            raise ImgloraError(f"unknown config key {key!r}", "see `imglora train --help` for the keys", path=path)
+        try:
+            values[key] = _check_type(key, value)
+        except ImgloraError as e:
+            raise ImgloraError(e.what, e.fix, path=path) from None
+    return values
+
+
+def to_toml(values: dict) -> str:
+    """Field values as the TOML `--config` reads, in HELP_GROUPS' order (None values are left out: their
+    default). json.dumps of a str, an int or a finite float is also valid TOML."""
+    lines = []
+    for title, names in HELP_GROUPS.items():
+        here = [(n, values[n]) for n in names if values.get(n) is not None]
+        if here:
+            lines.append(f"# {title}")
+        for name, value in here:
+            text = str(value).lower() if isinstance(value, bool) else json.dumps(value, ensure_ascii=False)
+            lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
 def load_config(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.config:
@@ -282,14 +442,7 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
             raise ImgloraError(f"not UTF-8 text (byte {e.start})", "save the file as UTF-8", path=path) from None
         except tomllib.TOMLDecodeError as e:
             raise ImgloraError(f"invalid TOML ({e})", "fix the syntax", path=path) from None
-        for key, value in toml.items():
-            key = key.replace("-", "_")
-            if key not in FIELDS:
-                raise ImgloraError(f"unknown config key {key!r}", "see `imglora train --help` for the keys", path=path)
-            try:
-                values[key] = _check_type(key, value)
-            except ImgloraError as e:
-                raise ImgloraError(e.what, e.fix, path=path) from None
+        values = config_values(toml, path)
     for key in FIELDS:
         value = getattr(args, key, None)
         if value is not None:

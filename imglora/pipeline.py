@@ -16,9 +16,11 @@ import torch
 
 from .errors import ImgloraError
 from .formats.detect import check_arch
+from .formats.embeddings import read_bundled
 from .formats.lora_file import load_adapter
 from .lora.adapters import AdapterError, Adapters
 from .models.load import load_pipeline, resolve_model
+from .train.embeddings import add_tokens, check_tokens
 
 
 @dataclass(eq=False)
@@ -80,10 +82,13 @@ def attach(model: Model, adapters: Adapters, path: str | os.PathLike, weight: fl
     clear error, and so is one whose modules do not fit."""
     adapter, _ = load_adapter(path, model.layers_per_block)
     check_arch(adapter.arch, model.arch, path)
+    embeddings = read_bundled(path)  # its textual-inversion tokens (A1111's bundle_emb.*) come with it
+    check_tokens(model.pipe, embeddings, path)  # before anything loads: all or nothing
     name = name or adapter_name(path, adapters.names)
     try:
         adapters.load(name, adapter, weight, te_weight)
     except AdapterError as e:
         raise ImgloraError(f"does not fit this model: {e}", "use an adapter trained for this base model",
                            path=path) from None
+    add_tokens(model.pipe, embeddings, path)
     return name

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imglora.errors import ImgloraError
 
-from .blend import LORA_TAG, WEIGHT_LIMIT
+from .blend import LORA_TAG, options
 from .catalogue import Catalogue, check_name
 from .session import SCHEDULERS
 
@@ -55,11 +55,12 @@ def parse_parameters(text: str) -> dict:
 
 
 def to_settings(catalogue: Catalogue, text: str, default_sampler: str) -> tuple[dict, dict, list[str]]:
-    """(settings for the Generate tab, {adapter: (weight, te weight)} from the prompt's tags, notes).
+    """(settings for the Generate tab, {adapter: its tag's Options} from the prompt's tags, notes).
 
-    The prompt's <lora:...> tags become the blend (what the image was made with); a tag naming no usable
-    adapter of this folder is left out, and said so. default_sampler: the model's own scheduler name,
-    which maps to "model default" so that the image comes out the same.
+    The prompt's <lora:...> tags become the blend (what the image was made with: weights, block weights,
+    schedules); a tag naming no usable adapter of this folder, or with options this app cannot read, is left
+    out, and said so. default_sampler: the model's own scheduler name, which maps to "model default" so
+    that the image comes out the same.
     """
     p = parse_parameters(text)
     if not p["prompt"] and "Steps" not in p:
@@ -67,17 +68,16 @@ def to_settings(catalogue: Catalogue, text: str, default_sampler: str) -> tuple[
                                                               "parameters text")
     notes, loras = [], {}
     for m in LORA_TAG.finditer(p["prompt"]):
-        name, args = m.group(1), [a.strip() for a in m.group(2).split(":")[1:] if a.strip()]
+        name = m.group(1)
         try:
             catalogue.get(check_name(name))
-            weights = [float(a) for a in args] or [1.0]
-            if not all(abs(w) <= WEIGHT_LIMIT for w in weights):
-                raise ValueError
-        except (ImgloraError, ValueError):
+        except ImgloraError:
             notes.append(f"{name} (not usable here)")
             continue
-        te, unet = (weights[0], weights[-1]) if len(weights) == 2 else (None, weights[0])
-        loras[name] = (unet, None if te == unet else te)
+        try:
+            loras[name] = options(m.group(2).split(":")[1:], name)
+        except ImgloraError as e:
+            notes.append(f"{e.what} (options this app cannot read)")
     out = {"prompt": re.sub(r"\s{2,}", " ", LORA_TAG.sub(" ", p["prompt"])).strip(" ,"), "negative": p["negative"]}
     numbers = {"steps": ("Steps", int), "guidance": ("CFG scale", float), "seed": ("Seed", int)}
     for key, (label, kind) in numbers.items():

@@ -26,10 +26,12 @@ import torch
 from imglora.errors import ImgloraError
 from imglora.formats.files import clean_temp_files
 from imglora.generate import save_png
+from imglora.formats.embeddings import read_bundled
 from imglora.formats.lora_file import load_adapter_shapes
 from imglora.lora.adapters import AdapterError, Adapters
 from imglora.lora.state import Blend
 from imglora.pipeline import Model, attach, load_model
+from imglora.train.embeddings import remove_tokens
 
 from .catalogue import Catalogue, fingerprint
 
@@ -168,7 +170,8 @@ class Session:
         self.max_upload_bytes = int(max_upload_mb) * 1024 * 1024
         self.max_grid = max_grid
         self.loaded: dict[str, tuple] = {}  # name -> (path, fingerprint) of what is on the pipeline
-        self.merged_blend: dict | None = None  # the blend folded into the weights, in merge mode
+        self.tokens: dict[str, list[str]] = {}  # name -> the textual-inversion tokens its file brought (attach)
+        self.merged_blend: tuple | None = None  # Blend.key() of the blend folded into the weights, in merge mode
         self._default_scheduler = model.pipe.scheduler
         self._save_lock = threading.Lock()
         self.catalogue.scan()
@@ -218,14 +221,15 @@ class Session:
             return
         self.unmerge()
         if name in self.adapters.names:  # the file changed since it was loaded
-            self.adapters.remove(name)
-            self.loaded.pop(name, None)
+            self._unload(name)
         try:
             if fingerprint(entry.path) != entry.fingerprint:
                 raise ImgloraError("the file changed on disk since the folder was listed",
                                    "press Refresh, then enable the adapter again")
             self.catalogue.card(name)  # the strict full read: NaN, keys, arch (cached per file version)
-            attach(self.model, self.adapters, entry.path, weight=0.0, name=name)
+            tokens = list(read_bundled(entry.path))
+            attach(self.model, self.adapters, entry.path, weight=0.0, name=name)  # its embeddings too
+            self.tokens[name] = tokens
         except OSError:
             raise ImgloraError(f"adapter {name!r} has left the folder", "press Refresh") from None
         except ImgloraError as e:
@@ -238,11 +242,18 @@ class Session:
         """Unload adapters whose file has left the folder (they hold memory, and nobody can ask for them)."""
         for name in [n for n in self.loaded if n not in self.catalogue.entries]:
             self.unmerge()
-            self.adapters.remove(name)
-            del self.loaded[name]
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        """Take an adapter off the pipeline, with the tokens its file brought."""
+        self.adapters.remove(name)
+        remove_tokens(self.pipe, self.tokens.pop(name, []))
+        self.loaded.pop(name, None)
 
     def _set_blend(self, blend: Blend, merge: bool) -> None:
-        key = tuple(sorted(blend.pairs().items()))
+        # A schedule changes weights between steps, so it stays at run time (generate applies it per step).
+        merge = merge and not blend.scheduled
+        key = blend.key()  # weights, block weights and all: two blends with one key set every layer alike
         if merge and self.merged_blend == key:
             return  # already folded in: no per-step cost, nothing to redo
         self.unmerge()

@@ -52,6 +52,14 @@ def assign_bucket(width: int, height: int, buckets, no_upscale: bool = False, st
     return tuple(best)
 
 
+def scaled_size(size, bucket) -> tuple[int, int]:
+    """The (width, height) an image of `size` is scaled to before it is cropped to `bucket` (a mask follows it)."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)
+    # Round, but never below the bucket: a 1-pixel shortfall would make the crop fail.
+    return max(bw, round(w * scale)), max(bh, round(h * scale))
+
+
 def fit_to_bucket(image: Image.Image, bucket, crop: str = "center", rng: random.Random | None = None):
     """Scale to cover the bucket, then crop to it.
 
@@ -62,8 +70,7 @@ def fit_to_bucket(image: Image.Image, bucket, crop: str = "center", rng: random.
     bw, bh = bucket
     w, h = image.size
     scale = max(bw / w, bh / h)
-    # Round, but never below the bucket: a 1-pixel shortfall would make the crop fail.
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    rw, rh = scaled_size((w, h), bucket)
     if (rw, rh) != (w, h):
         # reducing_gap: a box pre-shrink for big reductions (many times faster, indistinguishable).
         image = image.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0 if scale < 1 else None)

@@ -46,6 +46,7 @@ class ImageInfo:
     size: tuple[int, int]  # (width, height) after EXIF rotation: what trains
     exif_transposed: bool
     n_frames: int
+    alpha: bool = False  # has_alpha: an alpha channel or a transparent colour (--alpha-mask reads it as a mask)
 
 
 def max_pixels() -> int:
@@ -203,7 +204,7 @@ def info_of(img: Image.Image, path) -> ImageInfo:
     w, h = img.size
     turn = orientation(img)
     size = (h, w) if turn in (5, 6, 7, 8) else (w, h)
-    return ImageInfo(Path(path), img.format, img.mode, size, turn != 1, getattr(img, "n_frames", 1))
+    return ImageInfo(Path(path), img.format, img.mode, size, turn != 1, getattr(img, "n_frames", 1), has_alpha(img))
 
 
 def probe_image(path, data: bytes | None = None) -> ImageInfo:

@@ -11,6 +11,7 @@ from ..lora.state import split_component
 from .clients import client_misses
 from .files import read_header
 from .detect import ARCH_NAMES
+from .embeddings import PREFIX as BUNDLE, read_bundled
 from .lora_file import load_adapter
 
 JSON_KEYS = ("ss_tag_frequency", "ss_datasets", "ss_network_args", "imglora.config", "lora_adapter_metadata",
@@ -52,8 +53,9 @@ def describe(path: str | os.PathLike) -> dict:
             except ValueError:
                 warnings.append(f"metadata {k} is not valid JSON; shown raw")
         metadata[k] = v
+    embeddings = read_bundled(path)
     if fmt == "kohya":
-        keys = list(read_header(path)[0])
+        keys = [k for k in read_header(path)[0] if not k.startswith(BUNDLE)]
         warnings += [f"A1111/ComfyUI would ignore {line}" for line in client_misses(keys, adapter.arch)]
     elif fmt != "comfyui":
         warnings.append(f"a diffusers-style ({format_name(fmt)}) file: ComfyUI ignores its UNet attention keys and "
@@ -69,6 +71,9 @@ def describe(path: str | os.PathLike) -> dict:
         "rank": dict(sorted(adapter.ranks().items())),
         "alpha": dict(sorted(adapter.alphas().items())),
         "targets": {c: dict(sorted(t.items())) for c, t in targets.items()},
+        # bundled textual-inversion tokens: {token: {"vectors": n, "width": {component: width}}}
+        "embeddings": {t: {"vectors": p["text_encoder"].shape[0], "width": {c: v.shape[1] for c, v in p.items()}}
+                       for t, p in sorted(embeddings.items())},
         "metadata": metadata,
         "warnings": warnings,
     }
@@ -90,6 +95,10 @@ def render(info: dict) -> str:
     ]
     for component, kinds in info["targets"].items():
         lines.append(f"  {component}: " + ", ".join(f"{k} ×{n}" for k, n in kinds.items()))
+    for token, e in info["embeddings"].items():
+        widths = ", ".join(f"{c} {w}" for c, w in e["width"].items())
+        plural = "s" if e["vectors"] > 1 else ""
+        lines.append(f"embedding:   {escaped(token)} ({e['vectors']} vector{plural}; {widths})")
     if info["metadata"]:
         lines.append("metadata:")
         for k, v in info["metadata"].items():

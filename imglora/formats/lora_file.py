@@ -15,6 +15,7 @@ from . import diffusers as dfmt
 from . import kohya
 from .clients import client_misses
 from .detect import arch_from_header, detect_format
+from .embeddings import PREFIX as BUNDLE, Embeddings, bundle_tensors, split_bundle
 from .files import SAFETENSORS_DTYPES, read_header, read_safetensors, tensor_data_hash, write_safetensors
 from .metadata import arch_from_metadata
 
@@ -55,17 +56,22 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
                                  "weights are floating point")
             if key.endswith(".alpha") and t.numel() != 1:
                 raise ValueError(f"alpha {key} has {t.numel()} values instead of one")
-        fmt = detect_format(list(tensors))
-        sdxl_hint = any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors) or \
+        # A1111's bundled textual-inversion tokens are a part of the file; attach() puts them on the pipeline.
+        lora, embeddings = split_bundle(tensors)
+        if lora and all(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in lora):
+            raise ValueError(f"this is a textual-inversion embedding ({', '.join(sorted(lora))}), not an adapter; "
+                             "imglora loads a token with the adapter file that bundles it")
+        fmt = detect_format(list(lora)) if lora or not embeddings else "kohya"  # tokens alone: no modules
+        sdxl_hint = any(k.startswith(("lora_te1_", "lora_te2_")) for k in lora) or \
             arch_from_metadata(metadata) == "sdxl"
         if fmt == "kohya":
-            modules = kohya.from_kohya(tensors, sdxl=sdxl_hint, layers_per_block=layers_per_block)
+            modules = kohya.from_kohya(lora, sdxl=sdxl_hint, layers_per_block=layers_per_block)
         elif fmt == "comfyui":
-            modules = kohya.from_comfy(tensors, layers_per_block=layers_per_block)
+            modules = kohya.from_comfy(lora, layers_per_block=layers_per_block)
         elif fmt == "peft":
-            modules = dfmt.from_peft(tensors, metadata)
+            modules = dfmt.from_peft(lora, metadata)
         else:
-            modules = dfmt.from_diffusers_old(tensors)
+            modules = dfmt.from_diffusers_old(lora)
         # Both spellings of text-encoder paths, with and without `text_model.` (see lora/state.py).
         modules = {canonical_key(k): m for k, m in modules.items()}
         for key, m in modules.items():
@@ -76,6 +82,10 @@ def parse_adapter(tensors: dict[str, torch.Tensor], metadata: dict[str, str], la
                            "GLoRA, full), ComfyUI, diffusers-PEFT, diffusers-script and attn-procs files",
                            path=path) from None
     arch = arch_from_header({k: tuple(t.shape) for k, t in tensors.items()}, metadata)
+    if arch == "unknown" and embeddings and not modules:  # tokens alone: their encoders tell the model
+        parts = next(iter(embeddings.values()))
+        width = parts["text_encoder"].shape[1]
+        arch = "sdxl" if "text_encoder_2" in parts else {768: "sd1", 1024: "sd2"}.get(width, arch)
     return Adapter(modules, metadata, arch), fmt
 
 
@@ -97,12 +107,16 @@ def _check_module(key: str, m) -> None:
 
 
 def save_adapter(path: str | os.PathLike, adapter: Adapter, fmt: str = "kohya", metadata: dict[str, str] | None = None,
-                 overwrite: bool = False, layers_per_block: int = 2, dtype: torch.dtype | None = None) -> Path:
-    """Write an adapter in kohya (default) or diffusers-PEFT format, with sshs_model_hash over its tensor data."""
+                 overwrite: bool = False, layers_per_block: int = 2, dtype: torch.dtype | None = None,
+                 embeddings: Embeddings | None = None) -> Path:
+    """Write an adapter in kohya (default) or diffusers-PEFT format, with sshs_model_hash over its tensor data.
+    embeddings: textual-inversion tokens, bundled as A1111 reads them (kohya format only: diffusers'
+    load_lora_weights refuses a file with keys that are not LoRA's)."""
     from safetensors.torch import save
 
     if fmt == "kohya":
         tensors = kohya.to_kohya(adapter, sdxl=adapter.arch == "sdxl", layers_per_block=layers_per_block)
+        tensors.update(bundle_tensors(embeddings or {}))
         header = {}
     elif fmt in ("peft", "diffusers"):
         tensors, header = dfmt.to_peft(adapter)
@@ -117,7 +131,7 @@ def save_adapter(path: str | os.PathLike, adapter: Adapter, fmt: str = "kohya", 
         meta.pop("format", None)
     meta.update(header)
     if fmt == "kohya":
-        for line in client_misses(list(tensors), adapter.arch):  # before anyone shares the file
+        for line in client_misses([k for k in tensors if not k.startswith(BUNDLE)], adapter.arch):  # before sharing
             print(f"imglora: warning: {path}: A1111/ComfyUI would ignore {line}", file=sys.stderr)
     # The hash covers tensor data only, so it does not change when it is added to the header.
     data = save({k: t.contiguous().cpu() for k, t in tensors.items()}, metadata={k: str(v) for k, v in meta.items()})

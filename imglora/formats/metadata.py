@@ -46,6 +46,9 @@ def build_metadata(adapter: Adapter, arch: str, name: str, prediction: str = "ep
     }
     if config is not None:
         meta[CONFIG_KEY] = json.dumps(config, sort_keys=True, default=str)
+        if config.get("loraplus_lr_ratio") is not None:  # kohya and LyCORIS record it among the network args
+            args = {**json.loads(meta["ss_network_args"]), "loraplus_lr_ratio": str(config["loraplus_lr_ratio"])}
+            meta["ss_network_args"] = json.dumps(args)
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
     return {k: v for k, v in meta.items() if v != ""}
@@ -109,6 +112,13 @@ def training_metadata(cfg, model_name: str, examples: list[tuple], step: int, ep
         "ss_lr_scheduler": cfg.lr_scheduler, "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_training_started_at": started, "ss_training_finished_at": datetime.now(timezone.utc).isoformat(),
         "ss_tag_frequency": {Path(cfg.data).name: tags},
+        # kohya's keys of the noise and loss options, with its values ("None" for off, bools as True/False)
+        "ss_noise_offset": str(cfg.noise_offset or None), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(cfg.multires_noise_discount),
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr), "ss_debiased_estimation": str(cfg.debiased_estimation),
+        "ss_loss_type": cfg.loss, "ss_huber_schedule": cfg.huber_schedule, "ss_huber_c": str(cfg.huber_c),
+        "ss_huber_scale": "1.0",
     }
     if cfg.trigger:
         extra["modelspec.trigger_phrase"] = cfg.trigger

@@ -48,11 +48,18 @@ def base_prompts(seeds: int) -> list[tuple[str, dict, int]]:
             for s in BASE_SHAPES for c in COLOURS for k in range(seeds)]
 
 
-def render_before_after(model, adapters, name: str, prompts) -> list[tuple]:
-    """(before, after) images for each (prompt, labels, seed), both rendered in one batch of two blends."""
+def render_before_after(model, adapters, name: str, prompts, base=None) -> list[tuple]:
+    """(before, after) images for each (prompt, labels, seed), both rendered in one batch of two blends, or
+    with `base` (the model without the adapter) the before images from it: a token the adapter brought
+    has no weight 0, so only the model without the token shows what the prompt did before."""
     out = []
     for prompt, labels, seed in tqdm(prompts, desc="before/after", unit="prompt", leave=False):
-        before, after = generate(model, GenerateArgs(prompt, seed=seed, blends=[{name: 0.0}, {name: 1.0}]), adapters)
+        if base is None:
+            before, after = generate(model, GenerateArgs(prompt, seed=seed, blends=[{name: 0.0}, {name: 1.0}]),
+                                     adapters)
+        else:
+            before = generate(base, GenerateArgs(prompt, seed=seed))[0]
+            after = generate(model, GenerateArgs(prompt, seed=seed, blends=[{name: 1.0}]), adapters)[0]
         out.append((prompt, labels, before, after))
     return out
 
@@ -76,8 +83,10 @@ def score_adapter(model, adapters, name: str, word: str = WORD, shape: str = SHA
     from .judge import load_judge
 
     judge = load_judge()
-    concept = render_before_after(model, adapters, name, concept_prompts(word, seeds))
-    base = render_before_after(model, adapters, name, base_prompts(max(1, seeds // 2)))
+    # The trigger word as a token of its own (pivotal tuning): the before images come from the base model.
+    bare = load_model(model.path) if word in model.pipe.tokenizer.get_added_vocab() else None
+    concept = render_before_after(model, adapters, name, concept_prompts(word, seeds), bare)
+    base = render_before_after(model, adapters, name, base_prompts(max(1, seeds // 2)), bare)
     (c0, c1), (b0, b1) = score(judge, concept, shape), score(judge, base, None)
     return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}, concept, base
 

@@ -104,6 +104,36 @@ def render(shape: str, colour: str, background: str, size: int, rng: random.Rand
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def render_with_distractor(shape: str, colour: str, background: str, size: int, rng: random.Random,
+                           distractors=BASE_SHAPES) -> tuple[Image.Image, Image.Image]:
+    """(image, mask): the shape in one half of the image and a smaller distractor (another shape, another
+    colour, not in the caption) in the other; the mask is white on the main shape only, with a thin margin
+    so that its anti-aliased edge trains too (the masked-loss benchmark's data)."""
+    scale = 4
+    big = size * scale
+    bg = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in BACKGROUNDS[background])
+    fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[colour])
+    other = rng.choice([d for d in distractors if d != shape])
+    other_fill = COLOURS[rng.choice([c for c in COLOURS if c != colour])]
+    img = Image.new("RGB", (big, big), bg)
+    mask = Image.new("L", (big, big), 0)
+    # Side by side (left/right or top/bottom, either way round), each inside its own half: never overlapping.
+    r, rd = big * rng.uniform(0.17, 0.23), big * rng.uniform(0.12, 0.17)
+    vertical, main_first = rng.random() < 0.5, rng.random() < 0.5
+    centres = []
+    for radius, first in ((r, main_first), (rd, not main_first)):
+        m = radius * 1.1
+        lo = m if first else big / 2 + m
+        along, across = rng.uniform(lo, lo + big / 2 - 2 * m), rng.uniform(m, big - m)
+        centres.append((across, along) if vertical else (along, across))
+    (cx, cy), (dx, dy) = centres
+    draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, fill, bg)
+    draw_shape(ImageDraw.Draw(img), other, dx, dy, rd, other_fill, bg)
+    draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r * 1.08, 255, 0)
+    return (img.resize((size, size), Image.Resampling.LANCZOS),
+            mask.resize((size, size), Image.Resampling.BOX))
+
+
 def samples(n: int, seed: int, shapes=BASE_SHAPES, colours=tuple(COLOURS), backgrounds=tuple(BACKGROUNDS),
             words: dict[str, str] | None = None, caption: str = CAPTION) -> list[Sample]:
     """The labels of `n` images, cycling through every shape × colour combination (balanced)."""
@@ -122,18 +152,27 @@ def samples(n: int, seed: int, shapes=BASE_SHAPES, colours=tuple(COLOURS), backg
 
 def synth_shapes(out_dir: str | os.PathLike, n: int, seed: int = 0, size: int = 64, shapes=BASE_SHAPES,
                  colours=tuple(COLOURS), backgrounds=tuple(BACKGROUNDS), words: dict[str, str] | None = None,
-                 caption: str = CAPTION) -> list[tuple[Path, Sample]]:
+                 caption: str = CAPTION, masks_dir: str | os.PathLike | None = None) -> list[tuple[Path, Sample]]:
     """Write `n` PNG images with `.txt` sidecar captions into `out_dir`; the same seed gives the same files.
 
-    `words` renames shapes in captions (e.g. {"star": "zorbly"} for a made-up trigger word).
+    `words` renames shapes in captions (e.g. {"star": "zorbly"} for a made-up trigger word). `masks_dir`:
+    every image also gets an uncaptioned distractor shape, and a mask of its main shape under the same name
+    in `masks_dir` (render_with_distractor), for --masked-loss.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     written = []
     for i, sample in enumerate(samples(n, seed, shapes, colours, backgrounds, words, caption)):
         path = out / f"{i:05d}.png"
-        render(sample.shape, sample.colour, sample.background, size, rng).save(path)
+        if masks_dir is None:
+            render(sample.shape, sample.colour, sample.background, size, rng).save(path)
+        else:
+            image, mask = render_with_distractor(sample.shape, sample.colour, sample.background, size, rng)
+            image.save(path)
+            mask.save(Path(masks_dir) / path.name)
         path.with_suffix(".txt").write_text(sample.caption + "\n", encoding="utf-8")
         written.append((path, sample))
     return written

@@ -18,6 +18,7 @@ from ..errors import ImgloraError
 from ..formats.files import clean_temp_files
 from .data import LatentCache, TrainData, encode_images, pixels, shuffle_caption, vae_fingerprint
 from .loss import encode_text, sdxl_time_ids
+from .masks import to_latent
 
 
 class Batches:
@@ -109,7 +110,7 @@ class Batches:
             entries = [self.latents.get(e, f) for e, f in zip(examples, flips)]
             mean = torch.stack([x[0] for x in entries])
             std = torch.stack([x[1] for x in entries])
-            originals, crops = [x[2] for x in entries], [x[3] for x in entries]
+            originals, crops, masks = [x[2] for x in entries], [x[3] for x in entries], [x[4] for x in entries]
         else:
             good = []
             for e, f, c in zip(examples, flips, captions):
@@ -123,6 +124,7 @@ class Batches:
             examples, captions, prepared = ([item[i] for item in good] for i in range(3))
             mean, std = encode_images(self.pipe.vae, torch.stack([p[0] for p in prepared]))
             originals, crops = [p[1] for p in prepared], [p[2] for p in prepared]
+            masks = [None if p[3] is None else to_latent(p[3], mean.shape[-2:]) for p in prepared]
         latents = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
         if self.text_cache is not None:
             embeds = torch.stack([self.text_cache[c][0] for c in captions])
@@ -135,6 +137,9 @@ class Batches:
             latents = latents.contiguous(memory_format=torch.channels_last)
         batch = {"latents": latents, "embeds": embeds.to(device, self.dtype), "size": len(examples),
                  "weights": torch.tensor([e.weight for e in examples])}
+        if cfg.masked_loss:  # an image without a mask trains whole (a white mask)
+            masks = [torch.ones((1, *mean.shape[-2:])) if m is None else m for m in masks]
+            batch["mask"] = torch.stack(masks).clamp(min=cfg.mask_floor).to(device)
         if self.arch == "sdxl":
             batch["pooled"] = pooled.to(device, self.dtype)
             batch["time_ids"] = sdxl_time_ids(originals, crops, examples[0].bucket, device).to(self.dtype)

@@ -1,8 +1,8 @@
 """Resumable checkpoints as safetensors + JSON (no pickle), written to a temp folder and renamed.
 
-A checkpoint folder holds adapter.safetensors, optimizer.safetensors, state.json and, written last,
-COMPLETE. `latest` is the newest folder with that marker that also loads; older ones are deleted only
-after a new one is complete (RELIABILITY.md T1-T5, T10).
+A checkpoint folder holds adapter.safetensors, optimizer.safetensors, (with --ema) ema.safetensors,
+state.json and, written last, COMPLETE. `latest` is the newest folder with that marker that also loads;
+older ones are deleted only after a new one is complete (RELIABILITY.md T1-T5, T10).
 """
 
 from __future__ import annotations
@@ -40,15 +40,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], optimizer, state: dict,
-                    keep_last: int) -> Path:
-    """Write step-NNNNNNN/ atomically, then prune all but the newest `keep_last` complete ones."""
+                    keep_last: int, ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write step-NNNNNNN/ atomically, then prune all but the newest `keep_last` complete ones. `ema`: the
+    EMA of the adapter's tensors (same keys), if the run keeps one."""
     final = root / f"step-{step:07d}"
     # A checkpoint of the same step from an earlier, resumed run is replaced.
     with atomic_dir(final, replace=True) as tmp:
         write_safetensors(tmp / "adapter.safetensors", adapter)
         opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
         write_safetensors(tmp / "optimizer.safetensors", opt_tensors)
-        state = dict(state, optimizer=opt_info)
+        if ema is not None:
+            write_safetensors(tmp / "ema.safetensors", ema)
+        state = dict(state, optimizer=opt_info, ema=ema is not None)
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
         (tmp / MARKER).write_text(str(step))
     for old in complete_checkpoints(root)[:-keep_last]:
@@ -71,7 +74,8 @@ def clean_partial(root: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(adapter tensors, optimizer state dict, state) of one checkpoint; ImgloraError if anything is damaged."""
+    """(adapter tensors, optimizer state dict, state) of one checkpoint; ImgloraError if anything is damaged.
+    state["ema"] holds the EMA tensors of a run with --ema, else None."""
     if not (path / MARKER).is_file():
         raise ImgloraError("incomplete checkpoint (no COMPLETE marker)", "resume from another checkpoint", path=path)
     adapter, _ = read_safetensors(path / "adapter.safetensors")
@@ -84,6 +88,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         optimizer = _unflatten_optimizer(opt_tensors, state.pop("optimizer"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImgloraError(f"damaged state.json ({e})", "resume from another checkpoint", path=path) from None
+    # Read here, not by the caller, so that a damaged EMA file makes `latest` fall back to an older checkpoint.
+    state["ema"] = read_safetensors(path / "ema.safetensors")[0] if state.get("ema") else None
     return adapter, optimizer, state
 
 

@@ -23,6 +23,7 @@ from ..data.images import load_image
 from ..data.scan import scan_items
 from ..errors import ImgloraError, escaped, shown
 from ..formats.files import read_safetensors, write_safetensors
+from .masks import fit_mask, inside, load_mask, masks_for, to_latent
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Example:
     caption: str
     bucket: tuple[int, int]  # (width, height)
     weight: float = 1.0  # prior_loss_weight for regularisation images
+    mask: Path | None = None  # --masked-loss: its mask file, or the image itself for its alpha channel
 
 
 @dataclass
@@ -48,6 +50,12 @@ class TrainData:
                 stamp = f"{st.st_size}|{st.st_mtime_ns}"
             except OSError:  # gone since the scan: the run goes on without it (Batches.drop)
                 stamp = "missing"
+            if e.mask is not None:  # a changed mask is other data (unmasked runs keep their fingerprint)
+                try:
+                    st = e.mask.stat()
+                    stamp += f"|mask={e.mask}|{st.st_size}|{st.st_mtime_ns}"
+                except OSError:
+                    stamp += f"|mask={e.mask}|missing"
             h.update(f"{e.path}|{stamp}|{e.caption}|{e.bucket}|{e.weight}\n".encode())
         return h.hexdigest()[:16]
 
@@ -78,6 +86,8 @@ def build_data(cfg, resolution: int, log=print) -> TrainData:
         # The trigger word belongs to the concept: regularisation captions never get it.
         found = collect_items(folder, caption_extensions=exts, fallback=cfg.caption_fallback,
                               prefix=None if is_reg else cfg.trigger, log=log)
+        if cfg.mask_dir:  # a mask folder inside the data folder holds masks, not training images
+            found = [it for it in found if not inside(it.image, cfg.mask_dir)]
         items += [(it, weight, is_reg) for it in found]
     if not items:
         raise ImgloraError("no images found", "put .png/.jpg/.webp images (with .txt captions) in it", path=cfg.data)
@@ -92,11 +102,15 @@ def build_data(cfg, resolution: int, log=print) -> TrainData:
         raise ImgloraError(f"{len(problems)} of the images are unusable ({bad_fraction:.0%} > --max-bad "
                            f"{cfg.max_bad:.0%}): {listing}", "fix or remove them, or raise --max-bad", path=cfg.data)
     bucket_of = bucketer(resolution, cfg.bucket_step, cfg.min_bucket, cfg.max_bucket, no_upscale=cfg.no_upscale)
+    # Masks belong to the training images; regularisation images train whole.
+    masks = masks_for(cfg, list(dict.fromkeys(it.image for it, _, is_reg in items if not is_reg and it.image in ok)),
+                      scan.infos, log) if cfg.masked_loss else {}
     examples, seen = [], set()
     for it, weight, is_reg in items:
         if it.image not in ok:
             continue
-        example = Example(it.image, it.caption or "", bucket_of(*scan.infos[it.image].size), weight)
+        example = Example(it.image, it.caption or "", bucket_of(*scan.infos[it.image].size), weight,
+                          None if is_reg else masks.get(it.image))
         if not is_reg:  # validation images are held out of the training data only
             seen.add(it.image)
         examples += [example] * max(1, it.repeats)
@@ -119,13 +133,18 @@ def bucket_histogram(data: TrainData) -> str:
 
 # -- pixels and latents ---------------------------------------------------------------------------
 def pixels(example: Example, crop: str, flip: bool, rng: random.Random):
-    """(3, H, W) in [-1, 1], original size (h, w) and crop top-left (top, left) for SDXL conditioning."""
+    """(3, H, W) in [-1, 1], original size (h, w) and crop top-left (top, left) for SDXL conditioning, and
+    the mask as (1, H, W) in [0, 1], scaled, cropped and flipped with the image (None without one)."""
     image = load_image(example.path)
+    size = image.size
     image, crop_tl, original = fit_to_bucket(image, example.bucket, crop=crop, rng=rng)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-    return arr, original, crop_tl
+    mask = load_mask(example)
+    if mask is not None:
+        mask = fit_mask(mask, size, example.bucket, crop_tl, flip)
+    return arr, original, crop_tl, mask
 
 
 @torch.no_grad()
@@ -138,8 +157,9 @@ def encode_images(vae, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class LatentCache:
-    """Posterior mean/std per (example, flip), in memory and optionally on disk, keyed by file content,
-    bucket, crop and the VAE, so a later run with the same images and VAE reuses them."""
+    """Posterior mean/std (and the mask at latent size) per (example, flip), in memory and optionally on disk,
+    keyed by file content (the mask's too), bucket, crop and the VAE, so a later run with the same images
+    and VAE reuses them."""
 
     def __init__(self, vae, disk_dir: Path | None, vae_id: str):
         self.vae, self.disk_dir, self.vae_id = vae, disk_dir, vae_id
@@ -150,6 +170,8 @@ class LatentCache:
     def _key(self, example: Example, flip: bool) -> str:
         h = hashlib.sha256(example.path.read_bytes())
         h.update(f"|{example.bucket}|{flip}|{self.vae_id}".encode())
+        if example.mask is not None:  # the image's alpha, or a mask file whose every byte counts
+            h.update(b"|alpha" if example.mask == example.path else b"|mask|" + example.mask.read_bytes())
         return h.hexdigest()[:32]
 
     def fill(self, examples: list[Example], flips: tuple[bool, ...], batch: int = 8, progress: bool = True) -> None:
@@ -173,7 +195,8 @@ class LatentCache:
                     try:
                         t, meta = read_safetensors(file)
                         self.memory[(path, bucket, flip)] = (t["mean"], t["std"], tuple(json.loads(meta["original"])),
-                                                             tuple(json.loads(meta["crop"])))
+                                                             tuple(json.loads(meta["crop"])),
+                                                             t["mask"] if example.mask is not None else None)
                         self.reused += 1
                         continue
                     except (ImgloraError, KeyError, ValueError):
@@ -200,12 +223,14 @@ class LatentCache:
         if not pending:
             return
         mean, std = encode_images(self.vae, torch.stack([p[0] for p in prepared]))
-        for (e, f, key), (_, original, crop), m, s in zip(pending, prepared, mean, std):
+        for (e, f, key), (_, original, crop, mask), m, s in zip(pending, prepared, mean, std):
             # Kept in host memory: a large dataset's latents need not fit on the GPU.
             m, s = m.cpu(), s.cpu()
-            self.memory[(e.path, e.bucket, f)] = (m, s, original, crop)
+            mask = None if mask is None else to_latent(mask, m.shape[-2:])
+            self.memory[(e.path, e.bucket, f)] = (m, s, original, crop, mask)
             if key is not None:
-                write_safetensors(self.disk_dir / f"{key}.safetensors", {"mean": m, "std": s},
+                write_safetensors(self.disk_dir / f"{key}.safetensors",
+                                  {"mean": m, "std": s, **({} if mask is None else {"mask": mask})},
                                   {"original": json.dumps(list(original)), "crop": json.dumps(list(crop))},
                                   overwrite=True)
 

@@ -296,3 +296,46 @@ def test_markup_in_adapter_metadata_file_names_and_uploads_stays_text(page, sess
             path.unlink()
         catalogue.scan()
     assert hits == [] and fetched == []
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick a dropdown's option, as a person does."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def summary_is(page, text: str) -> None:
+    page.wait_for_function("([t]) => document.querySelector('#blend-summary textarea').value == t", arg=[text])
+
+
+def test_a_block_preset_picked_in_the_page_gives_the_librarys_image(page, expected):
+    """The row's block preset, its editor of block weights and its steps change the blend, nothing else."""
+    from PIL import Image
+
+    page.goto(page.url)
+    page.wait_for_selector("#library label")
+    enable(page, "style_a")
+    page.locator("#prompt textarea").fill("a red circle")
+    for elem_id, value in (("steps", SETTINGS["steps"]), ("guidance", SETTINGS["guidance"]),
+                           ("width", SETTINGS["width"]), ("height", SETTINGS["height"])):
+        set_number(page, elem_id, value)
+    choose(page, "blocks-style_a", "blocks: IND")
+    summary_is(page, "style_a 1 (blocks IND)")
+    _, data = generate(page)
+    image = Image.open(io.BytesIO(data))
+    assert image.text["parameters"].startswith("a red circle <lora:style_a:1:lbw=IND>\nSteps: 2")
+    # IND keeps BASE (the text encoders) and none of the tiny UNet's blocks (IN03, M00, OUT00, OUT01).
+    assert same_image(image, expected({"style_a": (0.0, 1.0)}))
+
+    page.click("text=style_a card")  # the editor shows the preset's numbers; typing one makes it custom
+    assert [page.locator(f"#bw-style_a-{b} input").input_value() for b in ("BASE", "IN03", "M00")] == ["1", "0", "0"]
+    page.locator("#bw-style_a-M00 input").fill("0.5")
+    summary_is(page, "style_a 1 (blocks 1,0,0,0,0,0.5,0,0,0,0,0,0)")
+    assert page.locator("#blocks-style_a input").input_value() == "blocks: custom"
+    steps = page.locator("#steps-style_a textarea, #steps-style_a input").first
+    steps.fill("stop=1")
+    steps.press("Enter")
+    summary_is(page, "style_a 1 (blocks 1,0,0,0,0,0.5,0,0,0,0,0,0; steps stop=1)")
+    choose(page, "blocks-style_a", "blocks: off")
+    summary_is(page, "style_a 1 (steps stop=1)")
+    assert page.locator("#bw-style_a-M00 input").input_value() == "1"

@@ -144,7 +144,8 @@ def test_bad_settings_and_unknown_adapters_are_messages(session):
 def test_prompt_tags_are_parsed(text, clean, found):
     from ui.blend import parse_prompt
 
-    assert parse_prompt(text) == (clean, found)
+    got, options = parse_prompt(text)
+    assert (got, {n: (o.weight, o.te) for n, o in options.items()}) == (clean, found)
 
 
 def test_the_blend_exports_as_one_adapter_that_gives_the_same_image(session, expected):

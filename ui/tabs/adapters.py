@@ -1,10 +1,13 @@
 """The adapters panel, built for a library of dozens: the enabled adapters first, each with its weight
-slider(s) and card; then a search box over names, trigger words and tags, and the other usable adapters
-as compact tick boxes; then every unusable file with its whole reason. Everything read from a file is
-shown as plain text (Textbox, labels), never as Markdown or HTML."""
+slider(s), block weights (a preset, or one number per block in a closed editor), step schedule and card;
+then a search box over names, trigger words and tags, and the other usable adapters as compact tick boxes;
+then every unusable file with its whole reason. Everything read from a file is shown as plain text
+(Textbox, labels), never as Markdown or HTML. Under the blend's summary: where two enabled adapters'
+updates overlap strongly (ops/interact.py), computed once per pair of files."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -13,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import gradio as gr
+from torch import nn
 
 from imglora.errors import ImgloraError
 from imglora.formats.files import TMP_MARK
@@ -20,9 +24,11 @@ from imglora.formats.detect import ARCH_NAMES, check_arch
 from imglora.formats.lora_file import load_adapter
 from imglora.pipeline import adapter_name
 
+from imglora.lora.blocks import BLOCKS26, PRESETS, block_of, block_weights, multiplier, spec_of
 from imglora.lora.state import Blend
+from imglora.ops.interact import OVERLAP, report
 
-from ..blend import WEIGHT_LIMIT, active_weights, prune, set_adapter, summary
+from ..blend import WEIGHT_LIMIT, active_weights, pins, preset_of, prune, set_adapter, set_options, summary
 from ..catalogue import SUFFIX, Catalogue
 from ..messages import in_page, warn
 from ..session import Session
@@ -122,8 +128,71 @@ def _pruned(session: Session, blend):
     return new, summary(active_weights(session.catalogue, new)), list(new)
 
 
+def model_blocks(session: Session) -> list[str]:
+    """The LBW blocks this model has, in LBW's order: BASE (the text encoders) and every block its UNet's layers
+    fall in. All 26 for SD 1.x/2.x, 20 for SDXL (three levels), fewer for the tiny embedded model."""
+    lpb = session.model.layers_per_block
+    found = {block_of(f"unet.{n}", lpb) for n, m in session.pipe.unet.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return [b for b in BLOCKS26 if b == "BASE" or b in found]
+
+
+def block_values(spec: str | None) -> dict[str, float]:
+    """{block: multiplier} of a stored spec (1 everywhere without block weights)."""
+    return dict(zip(BLOCKS26, block_weights(spec) if spec else [1.0] * len(BLOCKS26)))
+
+
+def blocks_from_editor(shown: list[str], values: list) -> str:
+    """The editor's numbers -> a spec: blocks the model lacks are 0 (what LBW's lists give them, and the shortest
+    list), and all ones is no block weights ("")."""
+    given = dict(zip(shown, (float(v) for v in values)))
+    if all(v == 1.0 for v in given.values()):
+        return ""
+    return spec_of(tuple(given.get(b, 0.0) for b in BLOCKS26))
+
+
+def overlap_warnings(session: Session, blend, cache: dict) -> str:
+    """One line per pair of enabled adapters whose updates overlap strongly (|cosine| >= OVERLAP) in some block,
+    leaving out blocks where either is off (weight or block weight 0). The comparison reads both files once per
+    pair of file versions (cache); kinds whose ΔW needs the base weights (DoRA, OFT, ...) are left out of it."""
+    catalogue, pinned = session.catalogue, pins(blend)
+    try:
+        active = active_weights(catalogue, blend)
+    except ImgloraError:
+        return ""  # a blend that cannot run says so when it is used
+    lines = []
+    for a, b in itertools.combinations(active.weights, 2):
+        ea, eb = sorted((catalogue.get(a, pinned.get(a)), catalogue.get(b, pinned.get(b))), key=lambda e: e.version)
+        a, b = ea.name, eb.name  # in file order: the cosine is symmetric, so one entry serves both orders
+        key = (ea.version, eb.version)
+        if key not in cache:
+            try:
+                files = {"a": load_adapter(ea.path, session.model.layers_per_block)[0],
+                         "b": load_adapter(eb.path, session.model.layers_per_block)[0]}
+            except (ImgloraError, OSError, ValueError):
+                files = None
+            blocks = report(files, session.model.layers_per_block)["blocks"] if files else {}
+            cache[key] = {block: r["cos"]["a|b"] for block, r in blocks.items() if "a|b" in r["cos"]}
+
+        def on(name, block):
+            w = active.te(name) if block == "BASE" else active.weights[name]
+            return w * multiplier(active.blocks.get(name), None if block == "other" else block) != 0
+        hit = [f"{block} {c:+.2f}" for block, c in cache[key].items()
+               if abs(c) >= OVERLAP and on(a, block) and on(b, block)]
+        if hit:
+            lines.append(f"{a} and {b} overlap strongly (cosine) in {', '.join(hit)}: stacked, they push the same "
+                         "directions; lower one of them there (block weights) or its weight")
+    return "\n".join(lines)
+
+
 def api_set_adapter(session: Session, blend, name, on, weight, te_weight, keep_file: bool = False):
     new = set_adapter(session.catalogue, blend, name, on, weight, te_weight, keep_file=keep_file)
+    return new, summary(active_weights(session.catalogue, new))
+
+
+def api_set_options(session: Session, blend, name, blocks, schedule):
+    """An enabled adapter's block weights (a preset or numbers) and step schedule; None keeps, "" clears."""
+    new = set_options(session.catalogue, blend, name, blocks=blocks, schedule=schedule)
     return new, summary(active_weights(session.catalogue, new))
 
 
@@ -150,14 +219,22 @@ def library(rows, blend, query):
     return gr.update(choices=choices, value=[], label=label), unusable
 
 
+# off: no block weights; custom: the numbers in the editor. Labelled in the list, so the row needs no label.
+BLOCK_CHOICES = [(f"blocks: {c}", c) for c in ("off", *PRESETS, "custom")]
+
+
 def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
     """The panel; returns its components and the `.then` kwargs other tabs use after changing the folder."""
     rows = gr.State(listing(session))
     enabled = gr.State([])  # the blend's names, in the order enabled; changes only when one is turned on or off
+    shown_blocks = model_blocks(session)
+    overlaps_cache: dict = {}  # (file version, file version) -> {block: cosine}, shared by every user
     with gr.Row(equal_height=True):
         gr.Markdown("**imglora**: blend and compare LoRA adapters")
         refresh = gr.Button("Refresh the folder", elem_id="refresh", size="sm", scale=0, min_width=150)
     current = gr.Textbox(summary(Blend()), label="Current blend", interactive=False, elem_id="blend-summary")
+    overlaps = gr.Textbox(label="Overlap warnings", interactive=False, lines=1, max_lines=6, visible=False,
+                          elem_id="blend-warnings")
     separate_te = gr.Checkbox(False, label="Separate text-encoder weights", elem_id="separate-te", scale=2,
                               container=False, render=False)  # shown beside the search box, below the sliders
 
@@ -167,6 +244,7 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
             mine = (user_blend or {}).get(name)
             if not mine:
                 continue
+            values = block_values(mine.get("blocks"))
             with gr.Group(elem_classes=["adapter-row"], key=f"row-{name}"):
                 with gr.Row(equal_height=True):
                     on = gr.Checkbox(True, label=name, key=f"on-{name}", elem_id=f"on-{name}", scale=2,
@@ -176,7 +254,19 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
                     te = gr.Slider(-2, 2, value=mine["te"] if mine.get("te") is not None else mine["weight"],
                                    step=0.05, label="text encoder", key=f"te-{name}", elem_id=f"te-{name}",
                                    visible=bool(separate), scale=3, interactive=True)
-                with gr.Accordion(f"{name} card", open=False, key=f"card-{name}") as acc:
+                with gr.Row(equal_height=True):
+                    preset = gr.Dropdown(BLOCK_CHOICES, value=preset_of(mine.get("blocks")), show_label=False,
+                                         container=False, key=f"blocks-{name}", elem_id=f"blocks-{name}", scale=2,
+                                         min_width=120, interactive=True)
+                    steps = gr.Textbox(mine.get("schedule") or "", show_label=False, container=False, max_lines=1,
+                                       placeholder="steps: start=2:stop=10, keyframes 0@0,1@0.5",
+                                       key=f"steps-{name}", elem_id=f"steps-{name}", scale=3, interactive=True)
+                # One closed accordion for the card and the block editor keeps a row short.
+                with gr.Accordion(f"{name} card · block weights", open=False, key=f"card-{name}") as acc:
+                    with gr.Row():  # rows wrap: as many boxes a line as fit
+                        numbers = [gr.Number(values[block], label=block, key=f"bw-{name}-{block}",
+                                             elem_id=f"bw-{name}-{block}", minimum=-WEIGHT_LIMIT, maximum=WEIGHT_LIMIT,
+                                             step=0.1, min_width=80, interactive=True) for block in shown_blocks]
                     card = gr.Textbox(show_label=False, interactive=False, lines=3, max_lines=20,
                                       key=f"card-text-{name}", elem_id=f"card-{name}")
             acc.expand(in_page(partial(card_text, session.catalogue, name)), None, card, api_visibility="private")
@@ -191,6 +281,33 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
             for comp in (w, te):
                 comp.change(in_page(weigh), [blend, w, te, separate_te], [blend, current],
                             api_visibility="private", trigger_mode="always_last")
+
+            # Block weights and steps change only the blend: nothing is loaded or reloaded. They listen to
+            # .input (the user's edits), so a preset filling the editor does not echo back as an edit.
+            def pick(b, choice, name=name):
+                if choice == "custom":  # keep the weights as they are, and open the editor on them
+                    return (gr.skip(), gr.skip(), gr.Accordion(open=True), card_text(session.catalogue, name),
+                            *[gr.skip()] * len(shown_blocks))
+                new = set_options(session.catalogue, b, name, blocks=choice)
+                values = block_values(new[name]["blocks"])
+                return (new, summary(active_weights(session.catalogue, new)), gr.skip(), gr.skip(),
+                        *[values[block] for block in shown_blocks])
+            preset.input(in_page(pick), [blend, preset], [blend, current, acc, card, *numbers],
+                         api_visibility="private")
+
+            def edit(b, *values, name=name):
+                if any(v is None for v in values):  # a box being typed into (empty, or just '-')
+                    return gr.skip(), gr.skip(), gr.skip()
+                new = set_options(session.catalogue, b, name, blocks=blocks_from_editor(shown_blocks, values))
+                return new, summary(active_weights(session.catalogue, new)), preset_of(new[name]["blocks"])
+            gr.on([n.input for n in numbers], in_page(edit), [blend, *numbers], [blend, current, preset],
+                  api_visibility="private", trigger_mode="always_last")
+
+            def schedule(b, text, name=name):
+                new = set_options(session.catalogue, b, name, schedule=text or "")
+                return new, summary(active_weights(session.catalogue, new)), new[name]["schedule"] or ""
+            gr.on([steps.submit, steps.blur], in_page(schedule), [blend, steps], [blend, current, steps],
+                  api_visibility="private")
 
     with gr.Row():
         search = gr.Textbox(show_label=False, placeholder="Search: name, file, trigger word or tag", container=False,
@@ -214,8 +331,11 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
         api_set = gr.Button()
         api_card = gr.Button()
         api_card_out = gr.Textbox()
+        api_blocks, api_steps, api_options = gr.Textbox(), gr.Textbox(), gr.Button()
     api_set.click(in_page(partial(api_set_adapter, session)), [blend, api_name_box, api_on, api_weight, api_te],
                   [blend, current], api_name="set_adapter")
+    api_options.click(in_page(partial(api_set_options, session)), [blend, api_name_box, api_blocks, api_steps],
+                      [blend, current], api_name="set_options")
     api_card.click(in_page(partial(card_text, session.catalogue)), api_name_box, api_card_out, api_name="card")
 
     with gr.Accordion("Upload an adapter", open=False):
@@ -227,6 +347,11 @@ def create_ui(session: Session, blend: gr.State, demo: gr.Blocks):
                 **changed)
         else:
             gr.Markdown("Uploads are disabled: the app listens beyond this machine without a login (--auth).")
+
+    def warnings_box(b):
+        text = overlap_warnings(session, b, overlaps_cache)
+        return gr.update(value=text, visible=bool(text))
+    current.change(in_page(warnings_box), blend, overlaps, api_visibility="private", trigger_mode="always_last")
 
     refresh.click(partial(_listing_twice, session), None, [rows, listing_json], api_name="refresh")
     demo.load(partial(_listing_twice, session), None, [rows, listing_json], api_visibility="private")

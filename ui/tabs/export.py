@@ -9,24 +9,15 @@ import gradio as gr
 from imglora.errors import ImgloraError
 from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.formats.metadata import build_metadata
-from imglora.lora.state import Adapter
+from imglora.lora.blocks import spec_of
 from imglora.ops.bake import save_baked
-from imglora.ops.merge import merge
+from imglora.ops.merge import blend_parts, merge
 
-from ..blend import active_weights, pins
+from ..blend import active_weights, pins, schedule_text
 from ..catalogue import check_name
 from ..messages import in_page, on_pipeline
 from ..session import Job, Session
 from .generate import PIPELINE
-
-
-def _parts(adapter: Adapter, weight: float, te_weight: float | None) -> list[tuple[Adapter, float]]:
-    """A separate text-encoder weight becomes a second part holding only the text-encoder modules."""
-    if te_weight is None:
-        return [(adapter, weight)]
-    unet = {k: m for k, m in adapter.modules.items() if k.startswith("unet.")}
-    te = {k: m for k, m in adapter.modules.items() if not k.startswith("unet.")}
-    return [(Adapter(unet, {}, adapter.arch), weight), (Adapter(te, {}, adapter.arch), te_weight)]
 
 
 def _named_blend(session: Session, blend: dict | None, name: str) -> tuple[str, dict]:
@@ -34,6 +25,10 @@ def _named_blend(session: Session, blend: dict | None, name: str) -> tuple[str, 
     weights = active_weights(session.catalogue, blend)
     if not weights:
         raise ImgloraError("the blend is empty", "enable at least one adapter first")
+    timed = [f"{n} ({schedule_text(s)})" for n, s in weights.schedules.items() if s]
+    if timed:  # no single file or model can hold weights that change between steps
+        raise ImgloraError(f"{', '.join(timed)}: a step schedule cannot be exported or baked",
+                           "clear its steps field to save the blend without it; schedules work at generation")
     return name, weights
 
 
@@ -58,8 +53,9 @@ def export_adapter(session: Session, blend: dict | None, name: str, method: str 
     for n, (w, te) in weights.pairs().items():
         entry = session.catalogue.get(n)
         adapter, _ = load_adapter(entry.path, lpb)
-        parts += _parts(adapter, w, te)
-        sources.append({"name": n, "file": entry.path.name, "weight": w, "te_weight": w if te is None else te})
+        parts += blend_parts(adapter, weights, n, lpb)  # grouped by the weight each module gets, blocks included
+        sources.append({"name": n, "file": entry.path.name, "weight": w, "te_weight": w if te is None else te,
+                        **({"blocks": spec_of(weights.blocks[n])} if n in weights.blocks else {})})
     try:
         merged, energy = merge(parts, svd_rank)
     except ValueError as e:
@@ -91,8 +87,8 @@ def bake_model(session: Session, blend: dict | None, name: str, job: Job | None 
 
 
 def create_ui(session: Session, blend: gr.State, catalogue_changed):
-    gr.Markdown("Save the **current blend** (enabled adapters at their weights) as one adapter file in the adapters "
-                "folder, or bake it into the base model.")
+    gr.Markdown("Save the **current blend** (enabled adapters at their weights and block weights) as one adapter file "
+                "in the adapters folder, or bake it into the base model. A step schedule works only at generation.")
     with gr.Row():
         name = gr.Textbox(label="Adapter name", placeholder="my_blend", elem_id="export-name")
         method = gr.Radio(["exact", "svd"], value="exact", label="Method (exact concatenation, or SVD to a rank)",

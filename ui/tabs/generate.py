@@ -10,7 +10,7 @@ import gradio as gr
 from imglora.errors import ImgloraError
 from imglora.generate import GenerateArgs, generate, parameters_text, resolved
 
-from ..blend import active_weights, parse_prompt, pins, set_adapter, summary
+from ..blend import active_weights, from_options, parse_prompt, pins, summary
 from ..messages import in_page, on_pipeline, user_of, warn
 from ..pnginfo import read_parameters, to_settings
 from ..session import SCHEDULERS, Job, Limits, Session
@@ -77,7 +77,8 @@ def run_generate(session: Session, blend: dict | None, prompt: str, negative: st
     for i, (image, params) in enumerate(zip(images, texts)):
         path = session.save_image(image, params)
         items.append((str(path), f"seed {seed + i}"))
-    return items, seed, texts[0] + f"\nAdapters: {summary(weights)}"
+    note = " (not merged: a step schedule changes the weights between steps)" if merge and weights.scheduled else ""
+    return items, seed, texts[0] + f"\nAdapters: {summary(weights)}{note}"
 
 
 def _generate_for_page(session: Session, *inputs, job: Job):
@@ -110,8 +111,8 @@ def send_to_generate(session: Session, blend: dict | None, text: str):
     """PNG info -> the Generate settings, and a blend of the prompt's adapters at their weights."""
     settings, loras, notes = to_settings(session.catalogue, text, sampler_name(session._default_scheduler))
     new = {}
-    for name, (weight, te) in loras.items():
-        new = set_adapter(session.catalogue, new, name, True, weight, te)
+    for name, o in loras.items():
+        new = from_options(session.catalogue, new, name, o)
     message = f"Sent to Generate with {summary(active_weights(session.catalogue, new))}."
     if notes:
         message += " Left out: " + ", ".join(notes) + "."
