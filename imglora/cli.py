@@ -334,7 +334,7 @@ def ui_command(args) -> None:
     limits = Limits(steps=args.max_steps, seconds=args.max_seconds)
     launch(model=args.model, adapters_dir=args.adapters, host=args.host, port=args.port, auth=args.auth,
            share=args.share, device=args.device, max_upload_mb=args.max_upload_mb, outputs_dir=args.outputs,
-           limits=limits, model_config=args.model_config)
+           limits=limits, model_config=args.model_config, datasets_dir=args.datasets, captioners_dir=args.captioners)
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -518,7 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     u.add_argument("--max-upload-mb", type=at_least(1), default=512, help="largest adapter upload accepted "
                    "(default: %(default)s)")
-    u.add_argument("--outputs", default="outputs", help="folder for generated images and baked models "
+    u.add_argument("--outputs", default="outputs", help="folder for generated images, baked models and training runs "
+                   "(runs/; default: ./%(default)s)")
+    u.add_argument("--datasets", default="datasets", help="folder whose subfolders the Train tab lists as datasets "
+                   "(default: ./%(default)s; the Train tab can make the demo dataset in it)")
+    u.add_argument("--captioners", default="captioners", help="folder of captioner models for auto-captioning "
                    "(default: ./%(default)s)")
     u.set_defaults(func=ui_command)
     for command in sub.choices.values():

@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from imglora.errors import ImgloraError
 
 from .session import Limits, Session, open_model
-from .tabs import adapters, compare, export, generate
+from .tabs import adapters, compare, export, generate, train
 
 # A library of dozens of adapters stays compact: the tick boxes scroll inside their own box, so the
 # enabled adapters' weights above them and the gallery on the right stay in view at 1280x720.
@@ -31,7 +31,8 @@ CSS = """
 """
 
 
-def build_app(session: Session) -> gr.Blocks:
+def build_app(session: Session, training: "train.Training | None" = None) -> gr.Blocks:
+    """training: the datasets and runs of the Train tab (None: no Train tab)."""
     # Gradio copies every shown image into its cache; files older than a day are removed hourly.
     with gr.Blocks(title="imglora", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         blend = gr.State({})  # this browser tab's blend; never shared (blend.py)
@@ -46,6 +47,9 @@ def build_app(session: Session) -> gr.Blocks:
                         grid = compare.create_ui(session, blend, gen)
                     with gr.Tab("Export", id="export"):
                         export.create_ui(session, blend, catalogue_changed)
+                    if training is not None:
+                        with gr.Tab("Train", id="train"):
+                            train.create_ui(session, training, catalogue_changed, demo)
 
         def choices(listed):
             names = [r[0] for r in listed if r[1] == "ok"]
@@ -132,7 +136,7 @@ def network_policy(host: str, auth: str | None, share: bool) -> tuple[bool, str 
 
 
 def start(session: Session, demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860,
-          auth: str | None = None, share: bool = False, quiet: bool = True) -> str:
+          auth: str | None = None, share: bool = False, quiet: bool = True, training=None) -> str:
     """Start serving without blocking; returns the local URL."""
     _, url, share_url = demo.launch(
         server_name=host, server_port=port, auth=parse_auth(auth), share=bool(share), prevent_thread_lock=True,
@@ -142,7 +146,8 @@ def start(session: Session, demo: gr.Blocks, host: str = "127.0.0.1", port: int 
         # else in the outputs folder, or wherever it points, can be asked for. The adapters and the model
         # are blocked outright (RELIABILITY.md §3 file rules, U4).
         allowed_paths=[],
-        blocked_paths=[str(session.catalogue.folder)] + _model_paths(session),
+        blocked_paths=[str(session.catalogue.folder)] + _model_paths(session)
+        + (training.private_paths() if training else []),
         app_kwargs={"middleware": [Middleware(LoginRequired)]},
         footer_links=["api"])
     return share_url or url
@@ -165,26 +170,34 @@ def _model_paths(session: Session) -> list[str]:
 
 def launch(model=None, adapters_dir="adapters", host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
            share: bool = False, device: str = "cpu", max_upload_mb: int = 512, outputs_dir="outputs",
-           limits: Limits | None = None, model_config=None) -> None:
-    """Open the model and serve the app until interrupted; prints the address."""
+           limits: Limits | None = None, model_config=None, datasets_dir=None, captioners_dir=None) -> None:
+    """Open the model and serve the app until interrupted; prints the address. datasets_dir: show the Train tab
+    on the dataset folders in it (runs, like caption edits, are writes: off where uploads are)."""
     uploads, warning = network_policy(host, auth, share)
     parse_auth(auth)  # a malformed --auth fails before the model is loaded
-    for flag, folder in (("--adapters", adapters_dir), ("--outputs", outputs_dir)):
+    for flag, folder in (("--adapters", adapters_dir), ("--outputs", outputs_dir), ("--datasets", datasets_dir)):
+        if folder is None:
+            continue
         if Path(folder).exists() and not Path(folder).is_dir():
             raise ImgloraError(f"{flag} is a file, not a folder", f"pass a folder to {flag}", path=folder)
     _check_port(host, port)
     if warning:
-        print(f"imglora ui: {warning}", file=sys.stderr)
+        print(f"imglora ui: {warning}" + (" The Train tab is off too." if datasets_dir else ""), file=sys.stderr)
     session = Session(open_model(model, device, model_config), adapters_dir, outputs_dir, uploads_enabled=uploads,
                       max_upload_mb=max_upload_mb, limits=limits)
-    demo = build_app(session)
-    url = start(session, demo, host, port, auth, share)
+    training = train.Training.open(session, datasets_dir, captioners_dir, model, model_config) \
+        if datasets_dir and uploads else None
+    demo = build_app(session, training)
+    url = start(session, demo, host, port, auth, share, training=training)
     usable = len(session.catalogue.names())
-    print(f"imglora ui: {url}  (adapters: {session.catalogue.folder}, {usable} usable; outputs: {session.outputs})",
-          flush=True)
+    where = f"; datasets: {training.datasets.root}" if training else ""
+    print(f"imglora ui: {url}  (adapters: {session.catalogue.folder}, {usable} usable; outputs: {session.outputs}"
+          f"{where})", flush=True)
     try:
         demo.block_thread()
     except KeyboardInterrupt:
         pass
     finally:
         demo.close()
+        if training is not None:
+            training.jobs.shutdown()  # a running run saves its checkpoint; Resume continues it next time

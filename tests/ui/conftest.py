@@ -134,3 +134,34 @@ def audit_opens():
 
 
 _AUDIT = {"installed": False, "on": False, "paths": []}
+
+
+@pytest.fixture(scope="session")
+def train_files(tmp_path_factory):
+    """Empty datasets, adapters and outputs folders for the Train tab, a captioners folder with a tiny WD tagger,
+    and a folder outside all of them."""
+    from ui_helpers import tiny_tagger
+
+    root = tmp_path_factory.mktemp("train")
+    files = {k: root / k for k in ("datasets", "adapters", "outputs", "captioners", "outside")}
+    for folder in files.values():
+        folder.mkdir()
+    tiny_tagger(files["captioners"] / "tagger")
+    return files
+
+
+@pytest.fixture(scope="session")
+def train_app(train_files):
+    """The app on the embedded model (what a new user's `imglora ui` opens) with its Train tab; yields
+    {"url", "session", "training"} and the train_files paths. Runs still going at the end are stopped."""
+    from ui.app import build_app, start
+    from ui.tabs.train import Training
+    from ui.session import Session, open_model
+
+    session = Session(open_model(None), train_files["adapters"], train_files["outputs"])
+    training = Training.open(session, train_files["datasets"], train_files["captioners"])
+    demo = build_app(session, training)
+    url = start(session, demo, port=free_port(), training=training)
+    yield {"url": url, "session": session, "training": training, **train_files}
+    training.jobs.shutdown()
+    demo.close()

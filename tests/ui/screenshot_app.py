@@ -1,10 +1,15 @@
 """Screenshot the app at 1280x720 with a library of 30 adapters (not a test: run it by hand).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/ui/screenshot_app.py /work/screens/app.png
+    HF_HUB_OFFLINE=1 .venv/bin/python tests/ui/screenshot_app.py /work/screens/app.png [docs/screens/app-train.png]
 
 Builds the tiny SD1 model and 30 adapter files (26 usable copies of random adapters, 2 truncated, 1 SDXL,
 1 with a different shape) in a temp folder, starts the app on them, enables two adapters, generates one
 batch and saves a screenshot of what a 1280x720 window shows.
+
+With a second path, also the Train tab, in an app on the embedded model (what `imglora ui` opens; its samples
+show shapes, not noise): the demo datasets made by its button (saved beside it as ...-dataset.png), a short run
+of the demo recipe's dataset (about a minute on a 2-core CPU), and its Runs panel (progress, loss curves,
+sample grids) at 1280x1080.
 """
 
 import sys
@@ -56,7 +61,20 @@ def build_library(root: Path) -> tuple[Path, Path]:
     return root / "model", folder
 
 
-def main(out: str) -> None:
+# The Train tab's run: the demo dataset at the tiny model's 64 px, long enough for a few points of each curve.
+TRAIN_RUN = """steps = 120
+batch_size = 4
+rank = 8
+lr = 0.003
+val_count = 4
+val_every = 20
+sample_every = 40
+sample_prompts = ["a red zorbly on a white background", "a blue circle on a white background"]
+sample_steps = 8
+"""
+
+
+def main(out: str, train_out: str | None = None) -> None:
     import torch
     from playwright.sync_api import sync_playwright
 
@@ -95,7 +113,62 @@ def main(out: str) -> None:
         finally:
             demo.close()
     print(f"saved {out}")
+    if train_out:
+        train_screens(train_out)
+        print(f"saved {train_out}")
+
+
+def train_screens(out: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from ui.app import build_app, start
+    from ui.session import Session, open_model
+    from ui.tabs.train import Training
+    from ui_helpers import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+
+        session = Session(open_model(None), Path(tmp) / "adapters", Path(tmp) / "outputs")
+        training = Training.open(session, Path(tmp) / "datasets")
+        demo = build_app(session, training)
+        url = start(session, demo, port=free_port(), training=training)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+                page = browser.new_page(viewport={"width": 1280, "height": 1080})
+                page.set_default_timeout(60_000)
+                page.goto(url)
+                train_tab(page, out)
+                browser.close()
+        finally:
+            training.jobs.shutdown()
+            demo.close()
+
+
+def train_tab(page, out: str) -> None:
+    """The Train tab as a new user gets there: the demo dataset from its button, a run started, watched."""
+    import time
+
+    page.get_by_role("tab", name="Train").click()
+    page.click("#train-demo")
+    page.wait_for_function("document.querySelectorAll('#train-thumbs img').length > 20")
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(Path(out).with_name(Path(out).stem + "-dataset.png")))
+    page.get_by_role("tab", name="Settings").click()
+    page.locator("#train-toml-box").get_by_text("As TOML").click()
+    page.locator("#train-toml textarea").fill(TRAIN_RUN)
+    page.click("#train-toml-to-form")
+    page.wait_for_function("document.querySelector('#cfg-steps input').value == '120'")
+    page.click("#train-start")
+    page.get_by_role("tab", name="Runs").wait_for()
+    deadline = time.monotonic() + 600
+    while "finished" not in page.locator("#train-status textarea").input_value() and time.monotonic() < deadline:
+        page.wait_for_timeout(1000)
+    page.wait_for_selector("#train-samples img")
+    page.wait_for_timeout(3000)  # the last tick's plot is drawn
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/work/screens/app.png")
+    main(sys.argv[1] if len(sys.argv) > 1 else "/work/screens/app.png", sys.argv[2] if len(sys.argv) > 2 else None)
