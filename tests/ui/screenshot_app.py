@@ -4,7 +4,9 @@
 
 Builds the tiny SD1 model and 30 adapter files (26 usable copies of random adapters, 2 truncated, 1 SDXL,
 1 with a different shape) in a temp folder, starts the app on them, enables two adapters, generates one
-batch and saves a screenshot of what a 1280x720 window shows.
+batch and saves a screenshot of what a 1280x720 window shows. In the same app it then saves, beside it and named
+by its name up to the first '-' (app-after.png -> app-compare.png, app-export.png): the Compare tab after a
+grid that sweeps anime over block-weight presets, and the Export tab after that blend was saved as an adapter.
 
 With a second path, also the Train tab, in an app on the embedded model (what `imglora ui` opens; its samples
 show shapes, not noise): the demo datasets made by its button (saved beside it as ...-dataset.png), a short run
@@ -109,13 +111,71 @@ def main(out: str, train_out: str | None = None) -> None:
                 page.evaluate("window.scrollTo(0, 0)")
                 page.screenshot(path=out)
                 print(page.evaluate(MEASURE))
+                print(f"saved {out}")
+                compare_tab(page, beside(out, "compare"))
+                print(f"saved {beside(out, 'compare')}")
+                export_tab(page, beside(out, "export"))
+                print(f"saved {beside(out, 'export')}")
                 browser.close()
         finally:
             demo.close()
-    print(f"saved {out}")
     if train_out:
         train_screens(train_out)
         print(f"saved {train_out}")
+
+
+def beside(out: str, tab: str) -> str:
+    """Another tab's screenshot in the same folder: app-after.png -> app-compare.png."""
+    path = Path(out)
+    return str(path.with_name(f"{path.stem.split('-')[0]}-{tab}{path.suffix}"))
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick a dropdown's option, as a person does."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def compare_tab(page, out: str) -> None:
+    """The Compare tab after a grid of anime at four block-weight presets, over the blend of the Generate tab
+    (anime and pixel_art enabled), at 128 px so the cells' captions fit; as tall as the cells reach."""
+    for elem_id, value in (("width", 128), ("height", 128)):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        box.fill(str(value))
+        box.press("Enter")
+    page.get_by_role("tab", name="Compare").click()
+    choose(page, "grid-x", "anime")
+    choose(page, "grid-x-kind", "blocks")  # the values box shows the kind's example values
+    page.wait_for_function("document.querySelector('#grid-x-values textarea').value.includes('OUTD')")
+    page.wait_for_timeout(500)  # that update is drawn before the box is typed in
+    values = page.locator("#grid-x-values textarea")
+    values.fill("NONE; ALL; IND; OUTD")
+    page.wait_for_timeout(500)
+    assert values.input_value() == "NONE; ALL; IND; OUTD", values.input_value()
+    page.click("#render-grid")
+    page.wait_for_function("document.querySelector('#grid-notes textarea').value.includes('in one batch')")
+    page.wait_for_selector("#grid-image img")
+    page.wait_for_selector("#grid-cells img")
+    page.wait_for_timeout(1500)
+    page.evaluate("window.scrollTo(0, 0)")
+    # Taller than 720, down to the cells' end, so the grid, its notes and the cells show whole.
+    bottom = page.evaluate("Math.max(...[...document.querySelectorAll('#grid-cells img')]"
+                           ".map(e => Math.ceil(e.getBoundingClientRect().bottom)))")
+    page.set_viewport_size({"width": 1280, "height": max(720, min(bottom + 24, 1080))})
+    page.wait_for_timeout(500)
+    page.screenshot(path=out)
+    page.set_viewport_size({"width": 1280, "height": 720})
+
+
+def export_tab(page, out: str) -> None:
+    """The Export tab after the blend (anime and pixel_art) was saved as one adapter file."""
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-name textarea, #export-name input").first.fill("anime_pixel_art")
+    page.click("#export-save")
+    page.wait_for_function("document.querySelector('#export-status textarea').value.startsWith('Saved')")
+    page.wait_for_timeout(1500)  # the library lists the new adapter
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=out)
 
 
 def train_screens(out: str) -> None:
