@@ -110,3 +110,19 @@ def test_toml_keys_still_load_and_flags_override_them(tmp_path):
     cfg = load_config(build_parser().parse_args(["train", "--config", str(toml), "--rank", "4"]))
     assert (cfg.data, cfg.rank, cfg.targets, cfg.no_upscale, cfg.cache_text) == ("photos", 4, "conv", True, False)
     assert cfg.sample_prompts == ["a", "b"] and cfg.lr == 5e-5 and cfg.alpha is None and cfg.batch_size == 4
+
+
+def test_the_readme_lists_every_training_option_in_its_group():
+    """README's "Every option, by group" has one row per TrainConfig field, under its --help section."""
+    from pathlib import Path
+
+    from imglora.config import _flag
+
+    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    table = readme[readme.index("#### Every option, by group"):]
+    for title, names in HELP_GROUPS.items():
+        section = table[table.index(f"**{title}**"):]
+        section = section[:section.index("\n\n", section.index("|---"))]
+        for name in names:
+            flag = FIELDS[name].metadata.get("flag") or _flag(name)
+            assert f"| `{flag}`" in section, f"{flag} is not in the README's {title} table"
