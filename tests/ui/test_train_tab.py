@@ -198,7 +198,7 @@ def test_api_dataset_captions_run_stop_resume_and_the_new_adapter_changes_the_im
     assert not (outside / "x.txt").exists() and not (train_app["outputs"] / "runs" / "r1").exists()
 
     message, run = client.predict("demo-zorbly", "", "api_run", FAST_RUN, api_name="/start_run")
-    assert run == "api_run" and "api_run:" in message
+    assert run == "api_run" and "queued api_run" in message
     wait(lambda: "step 0/" not in status(client, "api_run")[0] and "running" in status(client, "api_run")[0],
          what="the first steps")
     assert "stopping" in client.predict("api_run", api_name="/stop_run")

@@ -200,7 +200,8 @@ def start_run(tr: Training, dataset, reg_dataset, name, settings_toml: str) -> t
     data = tr.datasets.path(dataset)
     reg = str(tr.datasets.path(reg_dataset)) if reg_dataset else None
     run = tr.jobs.submit(name, TrainConfig(**{**settings, "data": str(data), "reg_data": reg}))
-    return f"{run.name}: {run.state} ({run.message})", run.name
+    # What the button did, not a live status (that is under Runs): it would read stale once the run moves on.
+    return f"queued {run.name} ({run.message}); its progress is under Runs", run.name
 
 
 def stop_run(tr: Training, name) -> str:
@@ -209,7 +210,7 @@ def stop_run(tr: Training, name) -> str:
 
 def resume_run(tr: Training, name) -> str:
     run = tr.jobs.resume(name)
-    return f"{run.name}: {run.state} ({run.message})"
+    return f"queued {run.name} to resume ({run.message}); its progress is under Runs"
 
 
 def run_settings(tr: Training, name) -> str:
