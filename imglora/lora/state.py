@@ -90,6 +90,19 @@ def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     return merged * (m / (norm + torch.finfo(merged.dtype).eps)) - weight
 
 
+class OptionalAlpha:
+    """For kinds whose alpha may be absent (None; LoKr's, OFT's constraint, GLoRA's): written only when set."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = super().tensors()
+        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
+
+    @classmethod
+    def from_tensors(cls, parts):
+        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
+        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
+
+
 @dataclass(eq=False)
 class LoraModule(Module):
     """ΔW = (alpha / rank) · B @ A (LoRA, LoCon; with `mid`, LoCon's Tucker form B · mid · A)."""
@@ -183,7 +196,7 @@ class LohaModule(Module):
 
 
 @dataclass(eq=False)
-class LokrModule(Module):
+class LokrModule(OptionalAlpha, Module):
     """LoKr (LyCORIS): ΔW = scale · w1 ⊗ w2 (Kronecker product), each factor whole or as a low-rank pair
     (w2 for a conv also as a Tucker core t2). scale = alpha / rank of the decomposed factor, 1 when both
     are whole (ComfyUI's and A1111's rule)."""
@@ -209,14 +222,6 @@ class LokrModule(Module):
     def scale(self) -> float:
         return self.alpha / self.rank if self.alpha is not None and self.rank else 1.0
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = super().tensors()
-        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
-
-    @classmethod
-    def from_tensors(cls, parts):
-        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
-        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
 
     def raw_delta(self, shape=None) -> torch.Tensor:
         w1 = self.w1.float() if self.w1 is not None else self.w1a.float() @ self.w1b.float()
@@ -296,7 +301,7 @@ def _cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class OftModule(WeightModule):
+class OftModule(OptionalAlpha, WeightModule):
     """OFT (kohya's and LyCORIS's diag-OFT; 3-dim oft_blocks) and BOFT (LyCORIS's butterfly OFT; 4-dim): the base
     weight's output rows rotated block by block, W' = rescale · R·W0, so ΔW = W' - W0. alpha is the norm
     constraint per output (LyCORIS and A1111 clamp ‖Q‖ at alpha·out; ComfyUI at alpha). `oft_diag` (early
@@ -312,14 +317,6 @@ class OftModule(WeightModule):
     def kind(self) -> str:
         return "boft" if self.blocks is not None and self.blocks.dim() == 4 else "oft"
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = super().tensors()
-        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
-
-    @classmethod
-    def from_tensors(cls, parts):
-        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
-        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
 
     def check(self) -> None:
         b = self.blocks if self.blocks is not None else self.diag
@@ -382,7 +379,7 @@ class Ia3Module(WeightModule):
 
 
 @dataclass(eq=False)
-class GloraModule(WeightModule):
+class GloraModule(OptionalAlpha, WeightModule):
     """GLoRA (LyCORIS glora): ΔW = (alpha / rank) · (W0 · a1 · a2 + b1 · b2), the first term on the input side
     of the base weight. LyCORIS 2+ writes a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in); earlier files (read by
     A1111) swap the roles of 1 and 2: a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r). The shapes tell which."""
@@ -411,14 +408,6 @@ class GloraModule(WeightModule):
     def rank(self) -> int:
         return self.a2.shape[0] if self._form() else self.a1.shape[0]
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = super().tensors()
-        return out if self.alpha is None else {**out, "alpha": torch.tensor(float(self.alpha))}
-
-    @classmethod
-    def from_tensors(cls, parts):
-        alpha = _scalar(parts["alpha"]) if "alpha" in parts else None
-        return cls(alpha=alpha, **{f: parts.get(name) for f, name in cls.NAMES.items()})
 
     def check(self) -> None:
         self._form()
