@@ -182,6 +182,9 @@ def main(argv=None) -> int:
                    "recipe, at about LoRA's trainable-parameter count")
     p.add_argument("--masked", action="store_true", help="only the masked-loss rows: the concept beside a "
                    "distractor shape, trained without and with --masked-loss")
+    p.add_argument("--methods", action="store_true", help="only the training methods, each against the demo recipe: "
+                   "EMA, min-SNR, debiased estimation, Huber, multi-resolution noise, LoRA+, logit-normal timesteps, "
+                   "Adafactor, schedule-free AdamW, pivotal tuning")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each; train_seconds are per run)")
     p.add_argument("--out", default="quality.json")
@@ -198,6 +201,12 @@ def main(argv=None) -> int:
         # Without a floor nothing outside the heart is trained, so the trigger word may change it freely; 0.1
         # is OneTrainer's default unmasked weight.
         grid += [{"masked_loss": True, "mask_dir": str(work / "masks"), "mask_floor": f} for f in (0.0, 0.1)]
+    elif args.methods:
+        grid += [{"ema": True}, {"min_snr_gamma": 5.0}, {"debiased_estimation": True},
+                 {"loss": "huber", "huber_schedule": "snr"}, {"multires_noise_iterations": 6},
+                 {"loraplus_lr_ratio": 4.0}, {"timestep_sampling": "logit_normal"},
+                 {"optimizer": "adafactor"}, {"optimizer": "schedulefree", "lr_scheduler": "constant"},
+                 {"train_embedding": WORD}]
     elif args.kinds:
         # LoHa's two pairs at rank 8 have LoRA rank 16's parameters; LoKr's Kronecker factors are far smaller
         # for a rank (30k at rank 16): factor 2 with a whole w2 is the nearest (322k of 463k); DoRA adds the
@@ -209,7 +218,7 @@ def main(argv=None) -> int:
         grid += [{"targets": t, "train_text_encoder": te} for t in ("cross-attn", "attn", "transformer")
                  for te in (False, True)]
     jobs = [(data, work / f"run{i}", args.seeds, False, 1, o) for i, o in enumerate(grid)]
-    if not args.quick and not args.kinds and not args.masked:
+    if not (args.quick or args.kinds or args.masked or args.methods):
         # 3e-4: at 1e-3 the full fine-tune learned as much but lost 23 points on base prompts; at 1e-4
         # it had not moved after 600 steps.
         jobs.append((data, work / "full", args.seeds, True, 1, dict(lr=3e-4, train_text_encoder=False)))
