@@ -53,6 +53,7 @@ class LoraLayer(nn.Module):
         self._backup: torch.Tensor | None = None  # the exact base weight (and bias) while merged
         self._bias_backup: torch.Tensor | None = None
         self._cache: tuple | None = None
+        self._stacked_ab: tuple | None = None  # (key, (A_cat, B_cat)): kept across weight changes (schedules)
         self._deltas: dict[tuple, tuple] = {}  # dense kinds' (ΔW, Δbias) by (name, dtype, device)
 
     def __getattr__(self, name: str):
@@ -93,7 +94,7 @@ class LoraLayer(nn.Module):
     def _forget(self, name: str) -> None:
         """Drop what is cached for one adapter; the others' dense ΔW stay."""
         self._deltas = {k: v for k, v in self._deltas.items() if k[0] != name}
-        self._cache = None
+        self._cache = self._stacked_ab = None
 
     def module(self, name: str):
         """The adapter's detached file-side module (lora/state.py)."""
@@ -106,7 +107,7 @@ class LoraLayer(nn.Module):
 
     def changed(self) -> None:
         """Call after changing adapter tensors in place (an optimizer step): inference caches rebuild."""
-        self._cache = None
+        self._cache = self._stacked_ab = None
         self._deltas = {}
 
     def _blend_changed(self) -> None:
@@ -189,10 +190,10 @@ class LoraLayer(nn.Module):
 
     def _inference_plan(self, x: torch.Tensor):
         """Everything a no-grad forward needs, built once per blend change:
-        (fused names, A, B, sample columns, dense terms). Without per-sample weights the fused scales are
-        folded into B and the dense ΔW are summed with their weights, so a forward is exactly two extra
-        matmuls for all LoRA pairs and one for all other kinds. A dense term is (ΔW, Δbias, per-sample
-        weights or None)."""
+        (fused names, A, B, scales, dense terms). The fused pairs are one stacked matmul pair whose rank
+        columns are scaled by weight·alpha/rank (per sample, with per-sample weights) between the two, and
+        the dense ΔW are summed with their weights, so a forward is two extra matmuls for all LoRA pairs and
+        one for all other kinds. A dense term is (ΔW, Δbias, per-sample weights or None)."""
         key = (x.dtype, x.device)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
@@ -203,13 +204,15 @@ class LoraLayer(nn.Module):
             fused, dense = self._split(names)
             A = B = cols = None
             if fused:
-                A, B = self._stack(fused)
-                if self.sample_weights is None:
-                    s = self._scales(fused, A.device)
-                    B = B * (s.view(1, -1, 1, 1) if self.is_conv else s)
-                else:
-                    cols = self._sample_columns(fused, x.device).to(x.dtype)
-                A, B = A.to(x.dtype), B.to(x.dtype)
+                # The stack depends on which adapters are on, not on their weights: a weight change (a schedule
+                # at every step) costs only the R scales, applied to the rank-sized down projection.
+                stack_key = (tuple(fused), x.dtype, x.device)
+                if self._stacked_ab is None or self._stacked_ab[0] != stack_key:
+                    A, B = self._stack(fused)
+                    self._stacked_ab = (stack_key, (A.to(x.device, x.dtype), B.to(x.device, x.dtype)))
+                A, B = self._stacked_ab[1]
+                cols = (self._scales(fused, x.device) if self.sample_weights is None
+                        else self._sample_columns(fused, x.device)).to(x.dtype)
             terms = []
             if dense and self.sample_weights is None:
                 parts = [self._dense_delta(n, x.dtype, x.device) for n in dense]
@@ -262,8 +265,10 @@ class LoraLayer(nn.Module):
             fused, A, B, cols, terms = self._inference_plan(x)
             if fused:
                 h = self._down(x, A)
-                if cols is not None:
+                if cols.dim() == 2:  # per-sample weights
                     h = self._apply_columns(h, cols)
+                else:
+                    h = h * (cols.view(1, -1, 1, 1) if self.is_conv else cols)
                 out = out + self._up(h, B)
             for W, bias, weights in terms:
                 h = self._dense(x, W, bias)
