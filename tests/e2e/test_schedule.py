@@ -54,12 +54,18 @@ def _diffusers_with_schedule(folder, files, weights_at):
     return np.asarray(image).astype(int)
 
 
-def test_a_schedule_gives_the_image_diffusers_gives_with_set_adapters_per_step(model_and_loras):  # noqa: F811
-    folder, files = model_and_loras
+def _loaded(folder, files):
+    """The model with the two files attached as 'a' and 'b'."""
     model = load_model(folder)
     adapters = Adapters(model.pipe)
     for name, f in zip("ab", files):
         attach(model, adapters, f, name=name)
+    return model, adapters
+
+
+def test_a_schedule_gives_the_image_diffusers_gives_with_set_adapters_per_step(model_and_loras):  # noqa: F811
+    folder, files = model_and_loras
+    model, adapters = _loaded(folder, files)
     # The first steps shape this tiny model's image most: the schedules change the weights there.
     blend = blend_of({"a": parse_options(["2", "step=2-4"], 10), "b": parse_options(["0@0,-2@0.5,1@1"], 10)})
     ours = np.asarray(generate(model, GenerateArgs(**ARGS, blend=blend), adapters)[0]).astype(int)
@@ -77,17 +83,13 @@ def test_a_schedule_gives_the_image_diffusers_gives_with_set_adapters_per_step(m
 
 def test_scheduled_blends_in_one_batch_equal_each_alone(model_and_loras):  # noqa: F811
     folder, files = model_and_loras
-    model = load_model(folder)
-    adapters = Adapters(model.pipe)
-    for name, f in zip("ab", files):
-        attach(model, adapters, f, name=name)
+    model, adapters = _loaded(folder, files)
     rows = [blend_of({"a": parse_options(["2", "stop=2"], 10)}),
             blend_of({"a": parse_options(["0@0,2@1"], 10), "b": parse_options(["1.5", "lbw=OUTALL"], 10)}),
             blend_of({"b": parse_options(["2", "start=2"], 10)})]
-    args = {k: v for k, v in ARGS.items()}
-    grid = generate(model, GenerateArgs(**args, blends=rows), adapters)
+    grid = generate(model, GenerateArgs(**ARGS, blends=rows), adapters)
     for row, image in zip(rows, grid):
-        alone = generate(model, GenerateArgs(**args, blend=row), adapters)[0]
+        alone = generate(model, GenerateArgs(**ARGS, blend=row), adapters)[0]
         assert np.abs(np.asarray(image).astype(int) - np.asarray(alone).astype(int)).max() <= 1
 
 
