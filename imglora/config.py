@@ -45,6 +45,9 @@ class TrainConfig:
                                  "folders (required, as a flag or in the TOML)")
     reg_data: str | None = opt(None, "regularisation (class) images for prior preservation (default: none)")
     prior_loss_weight: float = opt(1.0, "loss weight of the regularisation images")
+    reg_uncond: float = opt(0.0, "with --reg-data: this share of the regularisation images also trains with the "
+                                 "empty caption, keeping the unconditional prediction (which classifier-free "
+                                 "guidance subtracts at every sampling step) as the base model made it")
     caption_extension: str = opt(".txt", "sidecar caption extension (.caption is also read)")
     caption_fallback: str | None = opt(None, "caption for images without one: folder, filename, or a template "
                                              "with {folder} and {stem} (default: none: such images are skipped)")
@@ -217,6 +220,9 @@ class TrainConfig:
                 raise ImgloraError(f"alpha {max(alphas):g} does not fit --save-precision fp16 (largest 65504)",
                                    "use --save-precision bf16 or fp32, or a smaller --alpha")
         self._check_embedding()
+        if self.reg_uncond and not self.reg_data:
+            raise ImgloraError("--reg-uncond needs --reg-data",
+                               "it trains regularisation images with the empty caption")
         if self.lora_dropout and self.adapter != "lora":
             raise ImgloraError(f"--lora-dropout works with --adapter lora, not {self.adapter}", "leave it out")
         if self.adapter != "lokr" and (self.lokr_factor != -1 or self.lokr_full_matrix):
@@ -298,6 +304,7 @@ RANGES = {
     "lora_dropout": (0, 0.99, False), "seed": (0, 2**63 - 1, False), "val_count": (0, None, False),
     "val_every": (0, None, False), "sample_every": (0, None, False), "save_every": (0, None, False),
     "log_every": (1, None, False), "keep_last": (1, None, False), "prior_loss_weight": (0, None, False),
+    "reg_uncond": (0, 1, False),
     "noise_offset": (0, 1, False), "min_snr_gamma": (0, None, True), "caption_dropout": (0, 0.99, False),
     "keep_tokens": (0, None, False), "workers": (1, 256, False), "max_bad": (0, 1, False),
     "mask_floor": (0, 1, False),
@@ -321,8 +328,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # The sections of `imglora train --help`, in order; every field is in exactly one.
 HELP_GROUPS = {
-    "data": ("data", "reg_data", "prior_loss_weight", "caption_extension", "caption_fallback", "trigger", "max_bad",
-             "min_image_side", "val_count", "resolution", "bucket_step", "min_bucket", "max_bucket", "no_upscale",
+    "data": ("data", "reg_data", "prior_loss_weight", "reg_uncond", "caption_extension", "caption_fallback",
+             "trigger", "max_bad", "min_image_side", "val_count", "resolution", "bucket_step", "min_bucket",
+             "max_bucket", "no_upscale",
              "crop", "flip", "caption_dropout", "shuffle_captions", "keep_tokens", "masked_loss", "mask_dir",
              "alpha_mask", "mask_floor"),
     "model": ("model", "model_config", "device"),

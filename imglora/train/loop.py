@@ -51,7 +51,7 @@ RESUME_KEYS = ("model", "adapter", "lokr_factor", "lokr_full_matrix", "targets",
                "timestep_bias", "timestep_bias_multiplier", "timestep_bias_portion", "zero_terminal_snr",
                "multires_noise_iterations", "multires_noise_discount", "optimizer", "loraplus_lr_ratio", "ema",
                "ema_decay", "ema_start_step", "ema_update_every", "train_embedding", "embedding_vectors",
-               "embedding_init", "embedding_only")
+               "embedding_init", "embedding_only", "reg_uncond")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -192,6 +192,13 @@ class Trainer:
         self.data: TrainData = build_data(cfg, self.resolution, log=self.say)
         if not self.data.examples:
             raise ImgloraError("no usable training images", "see the skipped files above", path=cfg.data)
+        if cfg.reg_uncond:
+            # Copies with the empty caption: an adapter whose change also shows for no prompt at all has that
+            # part subtracted again by classifier-free guidance, at the concept's expense.
+            reg = Path(cfg.reg_data).resolve()
+            regs = [e for e in self.data.examples if e.path.resolve().is_relative_to(reg)]
+            regs = regs[:round(cfg.reg_uncond * len(regs))]
+            self.data.examples += [dataclasses.replace(e, caption="") for e in regs]
         self.batches = Batches(cfg, self.data, self.say)
         self.world = self.acc.num_processes
         per_step = self.world * cfg.grad_accum  # batches consumed by one optimizer step, all processes
@@ -253,7 +260,7 @@ class Trainer:
     # -- Optimizer ------------------------------------------------------------------------------
     def _make_optimizer(self):
         cfg = self.cfg
-        self.trained = self.adapters.named_parameters(NAME)  # {} in a full fine-tune
+        self.trained = self._checkpointed()  # the adapter and the token's vectors; {} in a full fine-tune
         groups = param_groups(self.unet_params, self.te_params, cfg.lr, cfg.text_encoder_lr or cfg.lr,
                               cfg.loraplus_lr_ratio, up_factors(self.trained))
         if self.emb_list:  # no weight decay: it would pull the vectors towards 0, off the scale of real words

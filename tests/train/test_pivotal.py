@@ -150,9 +150,15 @@ def test_sdxl_trains_both_encoders_and_renders_the_same_in_diffusers(make_pipe, 
 
 def test_embedding_only_and_unloading_restore_the_base_exactly(model_dir, shapes, make_pipe, tmp_path):
     out = tmp_path / "ti"
-    assert main(["train", "--model", str(model_dir), "--data", str(shapes), "--output", str(out), "--steps", "2",
-                 "--train-embedding", TOKEN, "--trigger", TOKEN, "--embedding-only", *train_flags(batch_size=2)]) == 0
-    assert set(load_file(out / "lora.safetensors")) == {f"bundle_emb.{TOKEN}.string_to_param.*"}  # no LoRA at all
+    assert main(["train", "--model", str(model_dir), "--data", str(shapes), "--output", str(out), "--steps", "3",
+                 "--train-embedding", TOKEN, "--trigger", TOKEN, "--embedding-only", "--ema", "--ema-decay", "0.5",
+                 *train_flags(batch_size=2)]) == 0
+    key = f"bundle_emb.{TOKEN}.string_to_param.*"
+    shipped, raw = load_file(out / "lora.safetensors"), load_file(out / "lora-raw.safetensors")
+    assert set(shipped) == {key}  # no LoRA at all
+    # --ema averages the token too: the shipped file and the -emb file hold the average, -raw the trained vectors
+    assert torch.equal(load_file(out / "lora-emb.safetensors")["emb_params"], shipped[key])
+    assert (shipped[key] - raw[key]).abs().amax() > 1e-6
     model = load_model(model_dir)
     base = render(model.pipe, f"a red {TOKEN}")
     attach(model, Adapters(model.pipe), out / "lora.safetensors")  # an adapter of no modules, one token
@@ -175,6 +181,16 @@ def test_embedding_only_and_unloading_restore_the_base_exactly(model_dir, shapes
             assert torch.equal(te.get_input_embeddings().weight, rows)
 
 
+def test_reg_uncond_adds_regularisation_images_with_the_empty_caption(model_dir, shapes, tmp_path):
+    reg = tmp_path / "reg"
+    synth_shapes(reg, 4, seed=5, size=32)
+    trainer = Trainer(config(model_dir, shapes, tmp_path / "u", steps=1, reg_data=str(reg), reg_uncond=0.5))
+    captions = [e.caption for e in trainer.data.examples]
+    assert len(captions) == 6 + 4 + 2 and captions.count("") == 2
+    assert all(e.path.is_relative_to(reg) for e in trainer.data.examples if not e.caption)
+    trainer.lock.release()
+
+
 def test_clear_errors(model_dir, shapes, tmp_path, capsys):
     def train(*extra):
         return main(["train", "--model", str(model_dir), "--data", str(shapes), "--output", str(tmp_path / "x"),
@@ -186,6 +202,7 @@ def test_clear_errors(model_dir, shapes, tmp_path, capsys):
         (("--train-embedding", "Zorbly"), "must be one lower-case word"),
         (("--train-embedding", TOKEN), "no caption contains the token 'zorbly'"),
         (("--embedding-vectors", "2"), "--embedding-vectors needs --train-embedding"),
+        (("--reg-uncond", "0.5"), "--reg-uncond needs --reg-data"),
     ]
     for flags, message in cases:
         assert train(*flags) == 2, flags
