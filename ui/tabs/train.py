@@ -97,7 +97,8 @@ def settings_of(*values) -> dict:
 def checked(settings: dict) -> dict:
     """Types and choices (config_values), then the trainer's own cross-field checks."""
     values = config_values(settings)
-    TrainConfig(**{**values, "data": "."}).check()  # the data is the app's to choose; checked when a run starts
+    # The datasets are the app's to choose (a stand-in here); the real ones are checked when a run starts.
+    TrainConfig(**{**values, "data": ".", "reg_data": "."}).check()
     return values
 
 
