@@ -1,10 +1,12 @@
 """Does LoRA learn? Teach the embedded model a new shape and let the judge count, over rank, target preset,
 text-encoder training and full fine-tuning (the LoRA paper's claims, checked on our own model).
 
-    python -m benchmarks.quality [--quick] [--jobs 2] [--out quality.json]
+    python -m benchmarks.quality [--quick|--kinds|--masked|--methods] [--data-seeds 0,1,2] [--jobs 2]
 
-Each row trains on the same synthetic concept data (a heart captioned 'zorbly', all colours), then
-renders trigger-word prompts in every colour and the base vocabulary before and after.
+Each row trains on the demo's data (a heart captioned 'zorbly', all colours, balanced over the backgrounds),
+then renders trigger-word prompts in every colour and the base vocabulary before and after. With several
+`--data-seeds` every row trains once per dataset seed (as `imglora demo --seed N`), and a last table gives
+each setup's median and worst: one seed's dataset can flatter or sink a setup by 0.3.
 
 `--masked`: the same concept drawn beside an uncaptioned distractor shape (`imglora-data synth --distractor`),
 trained without and with --masked-loss (masks on the heart only); each image is also cut into its separate
@@ -27,7 +29,7 @@ from PIL import Image
 
 from imglora.config import TrainConfig
 from imglora.synthetic.shapes import BASE_SHAPES, synth_shapes
-from imglora.synthetic.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter
+from imglora.synthetic.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter, synth_balanced
 from imglora.train.loop import NAME, Trainer
 
 
@@ -101,9 +103,12 @@ def object_scores(images, labels: list[dict]) -> dict:
     return {"heart_object": heart / n, "two_objects": extra / n, "base_shape_object": base / n}
 
 
-def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int = 1, **overrides) -> dict:
+def run_one(data: Path, reg: Path, out: Path, seeds: int, full: bool = False, threads: int = 1, seed: int = 0,
+            **overrides) -> dict:
+    """One training run of the recipe with `overrides` on `data` (and `reg` for prior preservation), judged."""
     torch.set_num_threads(threads)
-    cfg = TrainConfig(data=str(data), output=str(out), name=WORD, overwrite=True, **{**RECIPE, **overrides})
+    cfg = TrainConfig(data=str(data), reg_data=str(reg), output=str(out), name=WORD, overwrite=True, seed=seed,
+                      **{**RECIPE, **overrides})
     cfg.check()
     t0 = time.perf_counter()
     trainer = Trainer(cfg, full_finetune=full)
@@ -126,14 +131,26 @@ def run_one(data: Path, out: Path, seeds: int, full: bool = False, threads: int 
         seconds = time.perf_counter() - t0
         trainer.pipe.to("cpu")
         result = evaluate(trainer.model, trainer.adapters, NAME, seeds)
-    return {**overrides, "full_finetune": full, "trainable_params": n_params, "train_seconds": seconds, **result,
+    return {**overrides, "setup": setup_of(overrides, full), "data_seed": seed, "full_finetune": full,
+            "trainable_params": n_params, "train_seconds": seconds, **result,
             "base_change": result["base_after"] - result["base_before"]}
 
 
+def setup_of(overrides: dict, full: bool = False) -> str:
+    """A row's change to the demo recipe, as the options that make it (paths left out)."""
+    if full:
+        return f"full fine-tune (UNet, lr {overrides['lr']:g})"
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in overrides.items()
+             if k != "mask_dir" and v is not False]
+    return " ".join(flags) or "the demo recipe"
+
+
 def _run_job(job) -> dict:
-    data, out, seeds, full, threads, overrides = job
-    return run_one(data, out, seeds, full=full, threads=threads,
-                   reg_data=str(data.parent / "regularisation"), **overrides)
+    data, reg, out, seeds, full, threads, seed, overrides = job
+    overrides = dict(overrides)
+    label = overrides.pop("setup", None)
+    row = run_one(data, reg, out, seeds, full=full, threads=threads, seed=seed, **overrides)
+    return {**row, "setup": label or row["setup"]}
 
 
 def _pipe_eval(model, seeds: int) -> tuple[float, float]:
@@ -151,27 +168,36 @@ def _pipe_eval(model, seeds: int) -> tuple[float, float]:
 
 
 def masked_table(rows: list[dict]) -> str:
-    lines = ["| distractor data | train s | concept (whole image) | heart object | 2+ shapes | a base shape | "
-             "base prompts |", "|---|---|---|---|---|---|---|"]
+    lines = ["| distractor data | data seed | train s | concept (whole image) | heart object | 2+ shapes | "
+             "a base shape | base prompts |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        setup = ("--masked-loss" + (f" --mask-floor {r['mask_floor']:g}" if r.get("mask_floor") else "")
-                 if r.get("masked_loss") else "no masks")
         cells = [f"{r[k + '_before']:.2f} → {r[k + '_after']:.2f}" for k in
                  ("concept", "heart_object", "two_objects", "base_shape_object", "base")]
-        lines.append(f"| {setup} | {r['train_seconds']:.0f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['setup']} | {r['data_seed']} | {r['train_seconds']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setup | trainable params | train s | concept before → after | base before → after |",
-             "|---|---|---|---|---|"]
+    lines = ["| setup | data seed | trainable params | train s | concept before → after | base before → after |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        setup = f"full fine-tune (UNet, lr {r['lr']:g})" if r["full_finetune"] else \
-            f"{r.get('adapter', 'lora')} rank {r.get('rank', RECIPE['rank'])}, {r.get('targets', RECIPE['targets'])}" + \
-            (" + TE" if r.get("train_text_encoder", RECIPE["train_text_encoder"]) else "")
-        lines.append(f"| {setup} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
+        lines.append(f"| {r['setup']} | {r['data_seed']} | {r['trainable_params']:,} | {r['train_seconds']:.0f} | "
                      f"{r['concept_before']:.2f} → {r['concept_after']:.2f} | "
                      f"{r['base_before']:.2f} → {r['base_after']:.2f} ({r['base_change']:+.2f}) |")
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict]) -> str:
+    """Each setup over the dataset seeds: the median and the worst (lowest concept, largest base loss)."""
+    lines = ["| setup | seeds | concept after: median (worst) | base change: median (worst) | train s |",
+             "|---|---|---|---|---|"]
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        mine = [r for r in rows if r["setup"] == setup]
+        concept = [r["concept_after"] for r in mine]
+        change = [r["base_change"] for r in mine]
+        lines.append(f"| {setup} | {len(mine)} | {np.median(concept):.2f} ({min(concept):.2f}) | "
+                     f"{np.median(change):+.2f} ({min(change):+.2f}) | "
+                     f"{np.median([r['train_seconds'] for r in mine]):.0f} |")
     return "\n".join(lines)
 
 
@@ -186,27 +212,27 @@ def main(argv=None) -> int:
                    "EMA, min-SNR, debiased estimation, Huber, multi-resolution noise, LoRA+, logit-normal timesteps, "
                    "Adafactor, schedule-free AdamW, pivotal tuning")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--data-seeds", default="0", help="dataset (and training) seeds, comma-separated: each row "
+                   "trains once per seed")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each; train_seconds are per run)")
     p.add_argument("--out", default="quality.json")
     args = p.parse_args(argv)
+    data_seeds = [int(x) for x in args.data_seeds.split(",")]
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="imglora-quality-"))
-    data = work / "data"
-    synth_shapes(data, 60, seed=0, size=64, shapes=(SHAPE,), words={SHAPE: WORD})
-    synth_shapes(work / "regularisation", 60, seed=1, size=64)  # as the demo does
     grid = [{}]
     if args.masked:
-        data = work / "distractor"
-        synth_shapes(data, 60, seed=0, size=64, shapes=(SHAPE,), words={SHAPE: WORD}, masks_dir=work / "masks")
         # Without a floor nothing outside the heart is trained, so the trigger word may change it freely; 0.1
         # is OneTrainer's default unmasked weight.
-        grid += [{"masked_loss": True, "mask_dir": str(work / "masks"), "mask_floor": f} for f in (0.0, 0.1)]
+        grid += [{"masked_loss": True, "mask_floor": f} for f in (0.0, 0.1)]
     elif args.methods:
         grid += [{"ema": True}, {"min_snr_gamma": 5.0}, {"debiased_estimation": True},
                  {"loss": "huber", "huber_schedule": "snr"}, {"multires_noise_iterations": 6},
                  {"loraplus_lr_ratio": 4.0}, {"timestep_sampling": "logit_normal"},
                  {"optimizer": "adafactor"}, {"optimizer": "schedulefree", "lr_scheduler": "constant"},
-                 {"train_embedding": WORD}]
+                 # The recipe without its pivotal token: the trigger word is ordinary text again.
+                 {"train_embedding": None, "embedding_vectors": 1, "embedding_lr": 5e-3,
+                  "setup": "no --train-embedding"}]
     elif args.kinds:
         # LoHa's two pairs at rank 8 have LoRA rank 16's parameters; LoKr's Kronecker factors are far smaller
         # for a rank (30k at rank 16): factor 2 with a whole w2 is the nearest (322k of 463k); DoRA adds the
@@ -217,18 +243,31 @@ def main(argv=None) -> int:
         grid += [{"rank": r} for r in (1, 4, 16) if r != RECIPE["rank"]]  # the recipe is the first row
         grid += [{"targets": t, "train_text_encoder": te} for t in ("cross-attn", "attn", "transformer")
                  for te in (False, True)]
-    jobs = [(data, work / f"run{i}", args.seeds, False, 1, o) for i, o in enumerate(grid)]
-    if not (args.quick or args.kinds or args.masked or args.methods):
-        # 3e-4: at 1e-3 the full fine-tune learned as much but lost 23 points on base prompts; at 1e-4
-        # it had not moved after 600 steps.
-        jobs.append((data, work / "full", args.seeds, True, 1, dict(lr=3e-4, train_text_encoder=False)))
+    jobs = []
+    for seed in data_seeds:
+        data, reg, masks = work / f"seed{seed}" / "data", work / f"seed{seed}" / "regularisation", None
+        if args.masked:  # the concept beside a distractor shape, with masks of the heart
+            masks = work / f"seed{seed}" / "masks"
+        synth_balanced(data, 60, seed, masks_dir=masks, shapes=(SHAPE,), words={SHAPE: WORD})
+        synth_balanced(reg, 60, seed + 1)  # as the demo does
+        for i, o in enumerate(grid):
+            o = {**o, "mask_dir": str(masks)} if o.get("masked_loss") else o
+            jobs.append((data, reg, work / f"seed{seed}" / f"run{i}", args.seeds, False, 1, seed, o))
+        if not (args.quick or args.kinds or args.masked or args.methods):
+            # 3e-4: at 1e-3 the full fine-tune learned as much but lost 23 points on base prompts; at 1e-4
+            # it had not moved after 600 steps.
+            jobs.append((data, reg, work / f"seed{seed}" / "full", args.seeds, True, 1, seed,
+                         dict(lr=3e-4, train_text_encoder=False)))
+    show = masked_table if args.masked else table
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         rows = []
         for row in pool.imap(_run_job, jobs):
             rows.append(row)
-            print((masked_table if args.masked else table)(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            print(show(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print((masked_table if args.masked else table)(rows))
+    print(show(rows))
+    if len(data_seeds) > 1:
+        print("\n" + seed_table(rows))
     return 0
 
 

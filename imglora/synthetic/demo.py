@@ -99,13 +99,15 @@ def score_adapter(model, adapters, name: str, word: str = WORD, shape: str = SHA
     return {"concept_before": c0, "concept_after": c1, "base_before": b0, "base_after": b1}, concept, base
 
 
-def synth_balanced(folder: Path, n: int, seed: int, **kw) -> None:
+def synth_balanced(folder: Path, n: int, seed: int, masks_dir: Path | None = None, **kw) -> None:
     """`n` images spread evenly over the backgrounds (a subfolder each), colours balanced within each. Drawn
     at random instead, a seed can leave the white background (the one the scores prompt) with 8 of 60
-    hearts and no blue one, and the concept score then measures that rather than the training."""
+    hearts and no blue one, and the concept score then measures that rather than the training.
+    `masks_dir`: with a distractor shape beside each, and the masks in the same subfolders there."""
     for k, background in enumerate(BACKGROUNDS):
         count = n // len(BACKGROUNDS) + (k < n % len(BACKGROUNDS))
-        synth_shapes(folder / background, count, seed=seed + 1000 * k, size=64, backgrounds=(background,), **kw)
+        synth_shapes(folder / background, count, seed=seed + 1000 * k, size=64, backgrounds=(background,),
+                     masks_dir=masks_dir / background if masks_dir else None, **kw)
 
 
 def run_demo(output: str = "imglora-demo", shape: str = SHAPE, word: str = WORD, seed: int = 0,
