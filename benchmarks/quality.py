@@ -188,16 +188,25 @@ def table(rows: list[dict]) -> str:
 
 
 def seed_table(rows: list[dict]) -> str:
-    """Each setup over the dataset seeds: the median and the worst (lowest concept, largest base loss)."""
-    lines = ["| setup | seeds | concept after: median (worst) | base change: median (worst) | train s |",
-             "|---|---|---|---|---|"]
+    """Each setup over the dataset seeds: the median and the worst (lowest concept, largest base loss; for the
+    masked rows also the heart as a separate object, and the most concept images with a base-shape object)."""
+    masked = "heart_object_after" in rows[0]
+    head = "| setup | seeds | concept after: median (worst) | base change: median (worst) |"
+    if masked:
+        head += " heart object: median (worst) | a base shape: median (worst) |"
+    lines = [head + " train s |", "|---" * head.count("|") + "|"]
     for setup in dict.fromkeys(r["setup"] for r in rows):
         mine = [r for r in rows if r["setup"] == setup]
-        concept = [r["concept_after"] for r in mine]
-        change = [r["base_change"] for r in mine]
-        lines.append(f"| {setup} | {len(mine)} | {np.median(concept):.2f} ({min(concept):.2f}) | "
-                     f"{np.median(change):+.2f} ({min(change):+.2f}) | "
-                     f"{np.median([r['train_seconds'] for r in mine]):.0f} |")
+
+        def cell(key, worst=min, sign=""):
+            values = [r[key] for r in mine]
+            return f"{np.median(values):{sign}.2f} ({worst(values):{sign}.2f})"
+
+        cells = [cell("concept_after"), cell("base_change", sign="+")]
+        if masked:
+            cells += [cell("heart_object_after"), cell("base_shape_object_after", worst=max)]
+        lines.append(f"| {setup} | {len(mine)} | " + " | ".join(cells) +
+                     f" | {np.median([r['train_seconds'] for r in mine]):.0f} |")
     return "\n".join(lines)
 
 
@@ -216,7 +225,14 @@ def main(argv=None) -> int:
                    "trains once per seed")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each; train_seconds are per run)")
     p.add_argument("--out", default="quality.json")
+    p.add_argument("--tables", nargs="+", metavar="JSON", help="train nothing: print the tables of earlier --out "
+                   "files together (runs at more seeds, made apart)")
     args = p.parse_args(argv)
+    if args.tables:
+        rows = [r for f in args.tables for r in json.loads(Path(f).read_text())]
+        print((masked_table if "heart_object_after" in rows[0] else table)(rows))
+        print("\n" + seed_table(rows))
+        return 0
     data_seeds = [int(x) for x in args.data_seeds.split(",")]
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="imglora-quality-"))
