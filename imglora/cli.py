@@ -163,6 +163,29 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
         raise ImgloraError("already exists", "choose another name or pass --overwrite", path=path)
 
 
+def _tokens(paths, to: str):
+    """The textual-inversion tokens bundled in the input files, to carry into the output: convert, merge and
+    resize lose no part of a file. A token two inputs bundle with different vectors, or tokens for a format
+    that cannot hold them (diffusers), is an error."""
+    import torch
+
+    from .formats.embeddings import read_bundled
+
+    found, origin = {}, {}
+    for path in paths:
+        for token, parts in read_bundled(path).items():
+            if token in found and (parts.keys() != found[token].keys() or
+                                   not all(torch.equal(t, found[token][c]) for c, t in parts.items())):
+                raise ImgloraError(f"the token {token!r} is bundled in {shown(origin[token])} and here with different "
+                                   "vectors", "merge one of the two, or retrain one under another token", path=path)
+            found.setdefault(token, parts)
+            origin.setdefault(token, path)
+    if found and to not in ("kohya", "lora"):
+        raise ImgloraError(f"bundles the token(s) {', '.join(found)}, which the {to} format cannot hold",
+                           "write the kohya format to keep them (diffusers reads that too)", path=paths[0])
+    return found
+
+
 def _plain(adapter, path):
     """The adapter, if merge and resize can take it (plain LoRA/LoCon modules); else a one-line error."""
     from .ops.resize import not_plain_lora
@@ -214,6 +237,7 @@ def convert_command(args) -> None:
 
     _refuse_existing(args.output, args.overwrite)
     adapter, fmt = load_adapter(args.input)
+    tokens = _tokens([args.input], args.to)
     if args.arch:
         adapter.arch = args.arch
     if args.to == "lora":
@@ -231,12 +255,12 @@ def convert_command(args) -> None:
         meta = build_metadata(lora, lora.arch, Path(args.output).stem,
                               extra={"imglora.converted_from": os.path.basename(args.input)})
         save_adapter(args.output, lora, metadata=meta, overwrite=args.overwrite,
-                     dtype=_save_dtype(lora, args.save_precision, args.output))
+                     dtype=_save_dtype(lora, args.save_precision, args.output), embeddings=tokens)
         print(f"{shown(args.input)} ({format_name(fmt)}, {', '.join(sorted(adapter.kinds()))}) -> {shown(args.output)} "
               f"(plain LoRA, kohya, rank {_ranks(lora)}, {args.save_precision}), {energy.line()}")
         return
     save_adapter(args.output, adapter, fmt=args.to, overwrite=args.overwrite,
-                 dtype=_save_dtype(adapter, args.save_precision, args.output))
+                 dtype=_save_dtype(adapter, args.save_precision, args.output), embeddings=tokens)
     print(f"{shown(args.input)} ({format_name(fmt)}) -> {shown(args.output)} ({args.to}, {len(adapter.modules)} "
           f"modules, {args.save_precision})")
 
@@ -253,6 +277,7 @@ def merge_command(args) -> None:
 
     _refuse_existing(args.output, args.overwrite)
     blend = blend_of({str(i): opts for i, (_, opts) in enumerate(args.inputs)})
+    tokens = _tokens([path for path, _ in args.inputs], args.to)
     parts = []
     for i, (path, _) in enumerate(args.inputs):
         try:
@@ -284,7 +309,7 @@ def merge_command(args) -> None:
                           extra={"modelspec.merged_from": ", ".join(s["file"] for s in sources),
                                  "imglora.merged_from": sources})
     save_adapter(args.output, merged, fmt=args.to, metadata=meta, overwrite=args.overwrite,
-                 dtype=_save_dtype(merged, args.save_precision, args.output))
+                 dtype=_save_dtype(merged, args.save_precision, args.output), embeddings=tokens)
     print(f"{shown(args.output)}: {len(merged.modules)} modules, rank {_ranks(merged) or 'full'}, "
           f"{args.save_precision}" + (f", {energy.line()}" if energy else " (exact)"))
 
@@ -302,7 +327,7 @@ def resize_command(args) -> None:
                            f"resize lowers the rank: choose 1 to {top}", path=args.input)
     small, energy = resize(adapter, args.rank)
     save_adapter(args.output, small, metadata=resized_metadata(adapter.metadata, small), overwrite=args.overwrite,
-                 dtype=_save_dtype(small, args.save_precision, args.output))
+                 dtype=_save_dtype(small, args.save_precision, args.output), embeddings=_tokens([args.input], "kohya"))
     print(f"{shown(args.output)}: rank {_ranks(small)}, {args.save_precision}, {energy.line()}")
 
 

@@ -47,7 +47,11 @@ def to_lora(adapter: Adapter, rank: int, base_weights: dict[str, torch.Tensor],
         if m.kind == "norm":
             notes.append(f"{key}: a norm layer's change (w_norm/b_norm) cannot be a LoRA and is left out")
             continue
-        delta = m.delta(weight).reshape(weight.shape)
+        try:
+            delta = m.delta(weight).reshape(weight.shape)
+        except RuntimeError:  # the ΔW does not have the weight's size
+            raise ValueError(f"module {key} does not fit the model's weight {tuple(weight.shape)}: the adapter "
+                             "was made for another model") from None
         if m.bias_delta() is not None:
             notes.append(f"{key}: its bias change (diff_b) cannot be a LoRA and is left out")
         modules[key], *kept[key] = lora_from_delta(delta, rank)

@@ -116,6 +116,36 @@ def test_sd1_file_renders_the_same_in_diffusers(model_dir, sd1_run, capsys):
     assert not info["warnings"]
 
 
+def test_convert_resize_and_merge_keep_the_token(model_dir, sd1_run, tmp_path, capsys):
+    out, _ = sd1_run
+    src = out / "lora.safetensors"
+    key = f"bundle_emb.{TOKEN}.string_to_param.*"
+    vectors = load_file(src)[key]
+    made = {"convert": ["convert", src, tmp_path / "c.safetensors", "--to", "kohya"],
+            "to lora": ["convert", src, tmp_path / "l.safetensors", "--to", "lora", "--rank", 2, "--model", model_dir],
+            "resize": ["resize", src, tmp_path / "r.safetensors", "--rank", 2],
+            "merge": ["merge", tmp_path / "m.safetensors", f"{src}:0.5", src]}
+    for what, argv in made.items():
+        assert main([str(a) for a in argv]) == 0, (what, capsys.readouterr().err)
+        capsys.readouterr()
+        written = load_file(argv[1] if what == "merge" else argv[2])
+        assert torch.equal(written[key], vectors.to(written[key].dtype)), what  # at --save-precision
+        assert any(k.startswith("lora_unet_") for k in written), what
+
+    # Two different vectors for one token, or a format without a place for it: refused, nothing written.
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    save_file({**load_file(src), key: vectors + 1}, other)
+    for argv, message in (
+            (["merge", tmp_path / "bad.safetensors", src, other], "is bundled in"),
+            (["convert", src, tmp_path / "bad.safetensors", "--to", "lora", "--rank", 2], "made for another model"),
+            (["convert", src, tmp_path / "bad.safetensors", "--to", "diffusers"], "the diffusers format cannot hold")):
+        assert main([str(a) for a in argv]) == 2
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("imglora:")]
+        assert len(said) == 1 and message in said[0], said  # the one error line, after any progress bar
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_sdxl_trains_both_encoders_and_renders_the_same_in_diffusers(make_pipe, shapes, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
