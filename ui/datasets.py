@@ -10,6 +10,7 @@ and the new text written atomically.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,21 @@ def autocaption_module():
     return autocaption
 
 
+# The captioner last used stays loaded (loading one takes longer than captioning a small folder); only one,
+# as captioners run to gigabytes. Keyed by folder and its modification time, so a replaced model is reloaded.
+_LOADED: dict[tuple[str, int], object] = {}
+_LOADING = threading.Lock()
+
+
+def loaded_captioner(module, path: Path):
+    with _LOADING:
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _LOADED:
+            _LOADED.clear()  # the old one is freed before the new one loads
+            _LOADED[key] = module.load_captioner(path)
+        return _LOADED[key]
+
+
 def autocaption(datasets: Datasets, name, captioners, captioner, existing: str = "skip") -> str:
     """Caption the dataset with a model folder from the captioners folder, as `imglora-data caption --model`
     does (existing: skip captioned images, overwrite or append; originals backed up, writes atomic)."""
@@ -196,5 +212,8 @@ def autocaption(datasets: Datasets, name, captioners, captioner, existing: str =
         raise ImgloraError(f"no captioner named {escaped(captioner)!r} in the captioners folder",
                            "choose one from the list")
     root = datasets.path(name)
-    result = module.caption_folder(root, Path(captioners).resolve() / captioner, existing=existing, progress=False)
+    folder = Path(captioners).resolve() / captioner
+    # Nothing to caption: the model is not loaded (caption_folder checks the folder without loading it).
+    model = loaded_captioner(module, folder) if module.plan_folder(root, existing)[0] else folder
+    result = module.caption_folder(root, model, existing=existing, progress=False)
     return escaped(module.summary(root, result, existing, False).replace(str(root), name))

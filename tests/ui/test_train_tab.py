@@ -121,6 +121,26 @@ def test_a_caption_edit_is_one_line_backed_up_and_undoable(tmp_path):
     assert side.read_text() == old
 
 
+def test_the_captioner_loads_once_for_many_folders_and_not_for_a_captioned_one(train_files, tmp_path, monkeypatch):
+    from datasets_tools import autocaption as module
+    from ui import datasets as ds
+
+    loads = []
+    real = module.load_captioner
+    monkeypatch.setattr(module, "load_captioner", lambda path, **kw: loads.append(path) or real(path, **kw))
+    monkeypatch.setattr(ds, "_LOADED", {})
+    datasets = Datasets(tmp_path)
+    for name in ("one", "two"):
+        synth_shapes(tmp_path / name, 3, seed=4, size=64)
+        for caption in (tmp_path / name).glob("*.txt"):
+            caption.unlink()
+    captioners = train_files["captioners"]
+    assert "3 image(s) captioned" in ds.autocaption(datasets, "one", captioners, "tagger")
+    assert "3 image(s) captioned" in ds.autocaption(datasets, "two", captioners, "tagger")
+    assert ds.autocaption(datasets, "two", captioners, "tagger").startswith("0 image(s) captioned, 3 skipped")
+    assert len(loads) == 1 and all((tmp_path / "two" / f"{i:05d}.txt").read_text().strip() for i in range(3))
+
+
 # -- the run queue, alone --------------------------------------------------------------------------------
 def test_runs_queue_one_after_another_and_their_adapters_join_the_folder_under_a_free_name(tmp_path):
     data = tmp_path / "data"
