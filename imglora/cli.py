@@ -348,7 +348,8 @@ def demo_command(args) -> None:
         from ui.app import launch
 
         launch(model=None, adapters_dir=args.output, host="127.0.0.1", port=args.port, auth=None, share=False,
-               device="cpu", max_upload_mb=512, outputs_dir=str(Path(args.output) / "outputs"))
+               device="cpu", max_upload_mb=512, outputs_dir=str(Path(args.output) / "outputs"),
+               datasets_dir=str(Path(args.output) / "datasets"))  # the Train tab, to train the demo again there
 
 
 def ui_command(args) -> None:
