@@ -140,6 +140,10 @@ class Turns:
         return len(hit)
 
 
+class TokenInUse(ImgloraError):
+    """Two adapters of one blend bring the same textual-inversion token."""
+
+
 def open_model(model, device: str = "cpu", config=None) -> Model:
     """load_model (config: the diffusers folder a single-file model needs), with a missing embedded default
     model turned into a message."""
@@ -194,7 +198,7 @@ class Session:
                 self.catalogue.get(name, version)
             self._drop_gone()
             for name in blend.weights:
-                self._ensure_loaded(name)
+                self._ensure_loaded(name, blend.weights)
             self._set_blend(blend, merge and not sample_rows)
             self.pipe.scheduler = self._scheduler(scheduler)
             watch = _NonFiniteWatch(self.pipe)
@@ -215,7 +219,8 @@ class Session:
             return str(e)
         return None
 
-    def _ensure_loaded(self, name: str) -> None:
+    def _ensure_loaded(self, name: str, wanted=()) -> None:
+        """Load `name` if it is not (or its file changed); `wanted`: the names of the blend it is loaded for."""
         entry = self.catalogue.get(name)
         if self.loaded.get(name) == (entry.path, entry.fingerprint):
             return
@@ -228,15 +233,31 @@ class Session:
                                    "press Refresh, then enable the adapter again")
             self.catalogue.card(name)  # the strict full read: NaN, keys, arch (cached per file version)
             tokens = list(read_bundled(entry.path))
+            self._free_tokens(name, tokens, wanted)
             attach(self.model, self.adapters, entry.path, weight=0.0, name=name)  # its embeddings too
             self.tokens[name] = tokens
         except OSError:
             raise ImgloraError(f"adapter {name!r} has left the folder", "press Refresh") from None
+        except TokenInUse:
+            raise  # the file is fine; only this blend cannot have both
         except ImgloraError as e:
             if entry.error is None:
                 self.catalogue.mark_broken(entry, e)
             raise ImgloraError(f"adapter {name!r} cannot be used: {entry.error}", "", path=entry.path.name) from None
         self.loaded[name] = (entry.path, entry.fingerprint)
+
+    def _free_tokens(self, name: str, tokens: list[str], wanted) -> None:
+        """A token is on the model for one file at a time (two runs that both trained "zorbly"): an adapter
+        outside the blend that holds one of these tokens is unloaded; one in the blend is an error."""
+        for other, theirs in list(self.tokens.items()):
+            shared = sorted(set(tokens) & set(theirs))
+            if other == name or not shared:
+                continue
+            if other in wanted:
+                raise TokenInUse(f"adapters {other!r} and {name!r} both bring the token {shared[0]!r}",
+                                 "enable one of them at a time")
+            self.unmerge()
+            self._unload(other)
 
     def _drop_gone(self) -> None:
         """Unload adapters whose file has left the folder (they hold memory, and nobody can ask for them)."""

@@ -530,3 +530,39 @@ def test_png_info_reads_the_parameters_and_they_make_the_same_image(session, tmp
             read_parameters(tmp_path / name)
     with pytest.raises(ImgloraError, match="no generation parameters"):
         send_to_generate(session, {}, "")
+
+
+def test_two_files_with_the_same_token_take_turns_and_each_draws_with_its_own_vectors(tmp_path):
+    """Two runs that both trained "zorbly": enabling one frees the token from the other (one file's tokens at a
+    time, never the other file's vectors under this one's name); both in one blend is a message, and
+    neither file is marked broken."""
+    from imglora.formats.lora_file import save_adapter
+    from imglora.generate import GenerateArgs, generate
+    from imglora.lora.adapters import Adapters
+    from imglora.pipeline import attach, load_model
+    from ui.session import Session, TokenInUse, open_model
+
+    width = load_model(None).pipe.text_encoder.config.hidden_size
+    for i, name in enumerate(("v1", "v2")):
+        adapters = Adapters(load_model(None).pipe)
+        for p in adapters.create("x", adapters.targets("cross-attn", text_encoder=True), rank=2):
+            p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.2
+        vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(10 + i))
+        save_adapter(tmp_path / "adapters" / f"{name}.safetensors", adapters.export("x"),
+                     embeddings={"zorbly": {"text_encoder": vectors}})
+    prompt = "a red zorbly on a white background"
+
+    def alone(name):  # the reference: a fresh model with only this file attached
+        model = load_model(None)
+        adapters = Adapters(model.pipe)
+        attach(model, adapters, tmp_path / "adapters" / f"{name}.safetensors", name=name)
+        return generate(model, GenerateArgs(prompt, seed=0, **SETTINGS), adapters)[0]
+
+    session = Session(open_model(None), tmp_path / "adapters", tmp_path / "outputs")
+    for name in ("v1", "v2", "v1"):
+        items, _, _ = run(session, blend_of(**{name: 1.0}), prompt=prompt)
+        assert same_image(items[0][0], alone(name)), name
+    with pytest.raises(TokenInUse, match="'v1' and 'v2' both bring the token 'zorbly'"):
+        run(session, blend_of(v1=1.0, v2=0.5), prompt=prompt)
+    assert all(session.catalogue.get(n).error is None for n in ("v1", "v2"))
+    assert not same_image(alone("v1"), alone("v2"))  # the vectors differ, so the turns above could fail
