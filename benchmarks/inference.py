@@ -12,7 +12,8 @@ import time
 import torch
 
 from imglora.lora.adapters import Adapters
-from imglora.lora.state import Adapter, LoraModule
+from imglora.lora.modules import LoraModule
+from imglora.lora.state import Adapter
 from imglora.memory import trim_heap
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from imglora.config import TrainConfig
-from imglora.synthetic.shapes import BASE_SHAPES, synth_shapes
+from imglora.synthetic.shapes import BASE_SHAPES
 from imglora.synthetic.demo import RECIPE, SHAPE, WORD, base_prompts, concept_prompts, score_adapter, synth_balanced
 from imglora.train.loop import NAME, Trainer
 

@@ -14,7 +14,9 @@ from collections import Counter
 
 import torch
 
-from ..lora.state import CLIP_ROOT, COMPONENTS, Adapter, LoraModule, Module, module_from_parts, split_component
+from ..lora.modules import LoraModule, Module, module_from_parts
+
+from ..lora.state import CLIP_ROOT, COMPONENTS, Adapter, split_component
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 

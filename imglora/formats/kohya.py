@@ -11,7 +11,9 @@ import functools
 
 import torch
 
-from ..lora.state import KIND_SUFFIXES, SHARED_SUFFIXES, Adapter, Module, module_from_parts, split_component
+from ..lora.modules import KIND_SUFFIXES, SHARED_SUFFIXES, Module, module_from_parts
+
+from ..lora.state import Adapter, split_component
 from .detect import KOHYA_PREFIXES
 
 # Multi-word names in diffusers, CLIP and sgm module paths; everything else is one word per '_'.

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ImgloraError
-from ..lora.state import Adapter, LoraModule, canonical_key
+from ..lora.modules import LoraModule
+from ..lora.state import Adapter, canonical_key
 from . import diffusers as dfmt
 from . import kohya
 from .clients import client_misses

@@ -7,7 +7,9 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..lora.state import Adapter, LoraModule
+from ..lora.modules import LoraModule
+
+from ..lora.state import Adapter
 
 ARCH_INFO = {
     # arch: (ss_base_model_version, modelspec.architecture, implementation, resolution)

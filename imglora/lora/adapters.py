@@ -16,7 +16,8 @@ from .blocks import block_of
 from .inject import find, put_back, text_encoder_targets, unet_targets, unwrap, wrap
 from .kinds import kind_for
 from .layer import LoraLayer, NormLayer
-from .state import COMPONENTS, Adapter, Blend, LoraModule, split_component
+from .modules import LoraModule
+from .state import COMPONENTS, Adapter, Blend, split_component
 
 NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,100}")  # also the app's rule for names in requests
 

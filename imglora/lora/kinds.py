@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .state import LohaModule, LokrModule, LoraModule, Module, WeightModule
+from .modules import LohaModule, LokrModule, LoraModule, Module, WeightModule
 
 
 class Kind(nn.Module):
@@ -32,7 +32,7 @@ class Kind(nn.Module):
         return None
 
     def state(self):
-        """The detached in-memory module (lora/state.py) that files are written from."""
+        """The detached in-memory module (lora/modules.py) that files are written from."""
         raise NotImplementedError
 
     @staticmethod

@@ -97,7 +97,7 @@ class LoraLayer(nn.Module):
         self._cache = self._stacked_ab = None
 
     def module(self, name: str):
-        """The adapter's detached file-side module (lora/state.py)."""
+        """The adapter's detached file-side module (lora/modules.py)."""
         return self.adapters[name].state()
 
     def active(self) -> list[str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..lora.state import Adapter, LoraModule
+from ..lora.modules import LoraModule
+
+from ..lora.state import Adapter
 from .resize import Energy
 
 

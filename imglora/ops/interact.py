@@ -15,7 +15,8 @@ import math
 import torch
 
 from ..lora.blocks import BLOCKS26, block_of
-from ..lora.state import Adapter, LoraModule, WeightModule
+from ..lora.modules import LoraModule, WeightModule
+from ..lora.state import Adapter
 
 TOP = 3  # singular values reported per block
 OVERLAP = 0.5  # |cos| from which two adapters are said to overlap strongly in a block

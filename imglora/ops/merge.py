@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..lora.blocks import block_of
-from ..lora.state import Adapter, Blend, FullModule, LoraModule, NormModule
+from ..lora.modules import FullModule, LoraModule, NormModule
+from ..lora.state import Adapter, Blend
 from .resize import Energy, resize
 
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lora.state import Adapter, LoraModule
+from ..lora.modules import LoraModule
+
+from ..lora.state import Adapter
 
 
 @dataclass

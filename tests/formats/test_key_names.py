@@ -20,7 +20,8 @@ from imglora.formats.inspect import describe
 from imglora.formats.lora_file import load_adapter, save_adapter
 from imglora.lora.adapters import Adapters
 from imglora.lora.inject import find
-from imglora.lora.state import Adapter, LoraModule
+from imglora.lora.modules import LoraModule
+from imglora.lora.state import Adapter
 from imglora.pipeline import attach, model_of
 
 KOHYA = Path(__file__).parent / "data" / "kohya_keys"

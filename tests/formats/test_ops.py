@@ -11,7 +11,8 @@ from imglora.cli import main
 from imglora.formats.diffusers import installed_path
 from imglora.formats.files import read_safetensors
 from imglora.formats.lora_file import load_adapter, save_adapter
-from imglora.lora.state import Adapter, LoraModule
+from imglora.lora.modules import LoraModule
+from imglora.lora.state import Adapter
 from imglora.ops.extract import weights_of
 from imglora.ops.merge import concatenate, merge
 from imglora.ops.resize import resize, truncate

@@ -10,7 +10,8 @@ from imglora.cli import main
 from imglora.formats.lora_file import save_adapter
 from imglora.lora.adapters import Adapters
 from imglora.lora.blocks import block_of
-from imglora.lora.state import Adapter, Blend, LoraModule
+from imglora.lora.modules import LoraModule
+from imglora.lora.state import Adapter, Blend
 from imglora.ops.interact import report
 
 

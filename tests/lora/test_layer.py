@@ -6,7 +6,7 @@ from torch import nn
 
 from imglora.lora.adapters import AdapterError, Adapters
 from imglora.lora.layer import LoraLayer
-from imglora.lora.state import LoraModule
+from imglora.lora.modules import LoraModule
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 10),

@@ -227,7 +227,7 @@ def test_older_oft_and_glora_layouts_give_the_same_delta():
     """Files from before LyCORIS 2 (read by A1111): GLoRA with the roles of its 1 and 2 factors swapped, and
     OFT's rotations stored as they are (oft_diag). Each gives the ΔW of the current layout, and GLoRA's is
     A1111's formula b2·b1 + W0·a2·a1 (scaled by alpha/rank)."""
-    from imglora.lora.state import _cayley, module_from_parts
+    from imglora.lora.modules import _cayley, module_from_parts
 
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(12, 8, generator=g)
