@@ -190,7 +190,7 @@ def table(rows: list[dict]) -> str:
 def seed_table(rows: list[dict]) -> str:
     """Each setup over the dataset seeds: the median and the worst (lowest concept, largest base loss; for the
     masked rows also the heart as a separate object, and the most concept images with a base-shape object)."""
-    masked = "heart_object_after" in rows[0]
+    masked = any(r.get("masked_loss") for r in rows)
     head = "| setup | seeds | concept after: median (worst) | base change: median (worst) |"
     if masked:
         head += " heart object: median (worst) | a base shape: median (worst) |"
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tables:
         rows = [r for f in args.tables for r in json.loads(Path(f).read_text())]
-        print((masked_table if "heart_object_after" in rows[0] else table)(rows))
+        print((masked_table if any(r.get("masked_loss") for r in rows) else table)(rows))
         print("\n" + seed_table(rows))
         return 0
     data_seeds = [int(x) for x in args.data_seeds.split(",")]
