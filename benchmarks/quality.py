@@ -189,11 +189,12 @@ def table(rows: list[dict]) -> str:
 
 def seed_table(rows: list[dict]) -> str:
     """Each setup over the dataset seeds: the median and the worst (lowest concept, largest base loss; for the
-    masked rows also the heart as a separate object, and the most concept images with a base-shape object)."""
+    masked rows also the heart as a separate object, and the most concept images with two shapes or with a
+    base-shape object)."""
     masked = any(r.get("masked_loss") for r in rows)
     head = "| setup | seeds | concept after: median (worst) | base change: median (worst) |"
     if masked:
-        head += " heart object: median (worst) | a base shape: median (worst) |"
+        head += " heart object: median (worst) | 2+ shapes: median (worst) | a base shape: median (worst) |"
     lines = [head + " train s |", "|---" * head.count("|") + "|"]
     for setup in dict.fromkeys(r["setup"] for r in rows):
         mine = [r for r in rows if r["setup"] == setup]
@@ -204,7 +205,8 @@ def seed_table(rows: list[dict]) -> str:
 
         cells = [cell("concept_after"), cell("base_change", sign="+")]
         if masked:
-            cells += [cell("heart_object_after"), cell("base_shape_object_after", worst=max)]
+            cells += [cell("heart_object_after"), cell("two_objects_after", worst=max),
+                      cell("base_shape_object_after", worst=max)]
         lines.append(f"| {setup} | {len(mine)} | " + " | ".join(cells) +
                      f" | {np.median([r['train_seconds'] for r in mine]):.0f} |")
     return "\n".join(lines)
