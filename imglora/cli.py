@@ -163,29 +163,6 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
         raise ImgloraError("already exists", "choose another name or pass --overwrite", path=path)
 
 
-def _tokens(paths, to: str):
-    """The textual-inversion tokens bundled in the input files, to carry into the output: convert, merge and
-    resize lose no part of a file. A token two inputs bundle with different vectors, or tokens for a format
-    that cannot hold them (diffusers), is an error."""
-    import torch
-
-    from .formats.embeddings import read_bundled
-
-    found, origin = {}, {}
-    for path in paths:
-        for token, parts in read_bundled(path).items():
-            if token in found and (parts.keys() != found[token].keys() or
-                                   not all(torch.equal(t, found[token][c]) for c, t in parts.items())):
-                raise ImgloraError(f"the token {token!r} is bundled in {shown(origin[token])} and here with different "
-                                   "vectors", "merge one of the two, or retrain one under another token", path=path)
-            found.setdefault(token, parts)
-            origin.setdefault(token, path)
-    if found and to not in ("kohya", "lora"):
-        raise ImgloraError(f"bundles the token(s) {', '.join(found)}, which the {to} format cannot hold",
-                           "write the kohya format to keep them (diffusers reads that too)", path=paths[0])
-    return found
-
-
 def _plain(adapter, path):
     """The adapter, if merge and resize can take it (plain LoRA/LoCon modules); else a one-line error."""
     from .ops.resize import not_plain_lora
@@ -232,12 +209,13 @@ def _model_weights(args, adapters_of: list, path: str):
 
 
 def convert_command(args) -> None:
+    from .formats.embeddings import carried_tokens
     from .formats.inspect import format_name
     from .formats.lora_file import load_adapter, save_adapter
 
     _refuse_existing(args.output, args.overwrite)
     adapter, fmt = load_adapter(args.input)
-    tokens = _tokens([args.input], args.to)
+    tokens = carried_tokens([args.input], args.to)
     if args.arch:
         adapter.arch = args.arch
     if args.to == "lora":
@@ -266,6 +244,7 @@ def convert_command(args) -> None:
 
 
 def merge_command(args) -> None:
+    from .formats.embeddings import carried_tokens
     from .formats.lora_file import load_adapter, save_adapter
     from .formats.metadata import build_metadata
     from .ops.merge import concatenate
@@ -277,7 +256,7 @@ def merge_command(args) -> None:
 
     _refuse_existing(args.output, args.overwrite)
     blend = blend_of({str(i): opts for i, (_, opts) in enumerate(args.inputs)})
-    tokens = _tokens([path for path, _ in args.inputs], args.to)
+    tokens = carried_tokens([path for path, _ in args.inputs], args.to)
     parts = []
     for i, (path, _) in enumerate(args.inputs):
         try:
@@ -315,6 +294,7 @@ def merge_command(args) -> None:
 
 
 def resize_command(args) -> None:
+    from .formats.embeddings import carried_tokens
     from .formats.lora_file import load_adapter, save_adapter
     from .formats.metadata import resized_metadata
     from .ops.resize import resize
@@ -326,8 +306,9 @@ def resize_command(args) -> None:
         raise ImgloraError(f"--rank {args.rank} is above the file's rank {top}",
                            f"resize lowers the rank: choose 1 to {top}", path=args.input)
     small, energy = resize(adapter, args.rank)
+    tokens = carried_tokens([args.input], "kohya")
     save_adapter(args.output, small, metadata=resized_metadata(adapter.metadata, small), overwrite=args.overwrite,
-                 dtype=_save_dtype(small, args.save_precision, args.output), embeddings=_tokens([args.input], "kohya"))
+                 dtype=_save_dtype(small, args.save_precision, args.output), embeddings=tokens)
     print(f"{shown(args.output)}: rank {_ranks(small)}, {args.save_precision}, {energy.line()}")
 
 

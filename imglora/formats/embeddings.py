@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..errors import ImgloraError
+from ..errors import ImgloraError, shown
 from .files import read_header
 
 PREFIX = "bundle_emb."
@@ -99,6 +99,26 @@ def read_bundled(path: str | os.PathLike) -> Embeddings:
         return split_bundle(tensors)[1]
     except ValueError as e:
         raise ImgloraError(f"not a usable embedding: {e}", "", path=path) from None
+
+
+def carried_tokens(paths, fmt: str) -> Embeddings:
+    """The tokens bundled in the input files of convert, merge or resize, to write into the output (no part of a
+    file is lost). A token two inputs bundle with different vectors, or tokens for a format that cannot hold
+    them (diffusers), is an error."""
+    found: Embeddings = {}
+    origin = {}
+    for path in paths:
+        for token, parts in read_bundled(path).items():
+            if token in found and (parts.keys() != found[token].keys() or
+                                   not all(torch.equal(t, found[token][c]) for c, t in parts.items())):
+                raise ImgloraError(f"the token {token!r} is bundled in {shown(origin[token])} and here with different "
+                                   "vectors", "merge one of the two, or retrain one under another token", path=path)
+            found.setdefault(token, parts)
+            origin.setdefault(token, path)
+    if found and fmt not in ("kohya", "lora"):
+        raise ImgloraError(f"bundles the token(s) {', '.join(found)}, which the {fmt} format cannot hold",
+                           "write the kohya format to keep them (diffusers reads that too)", path=paths[0])
+    return found
 
 
 def vector_counts(embeddings: Embeddings) -> dict[str, int]:
