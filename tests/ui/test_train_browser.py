@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from ui_helpers import FAST_RUN, pixels
+from ui_helpers import FAST_RUN, click_generate, pixels
 
 from imglora.synthetic.shapes import synth_shapes
 from ui.tabs.train import CURVE_COLOURS
@@ -70,14 +70,6 @@ def wait_drawn(page, series: str, timeout: float = 60) -> None:
     while drawn(page, series) < 30:
         assert time.monotonic() < deadline, f"the plot shows no {series} line"
         page.wait_for_timeout(500)
-
-
-def generate(page, previous: str | None = None) -> tuple[str, bytes]:
-    page.click("#generate")
-    page.wait_for_function("([prev]) => { const i = document.querySelector('#gallery img');"
-                           " return i && i.src && i.src !== prev; }", arg=[previous])
-    src = page.locator("#gallery img").first.get_attribute("src")
-    return src, page.request.get(src).body()
 
 
 def test_caption_run_watch_stop_reload_resume_and_blend_the_new_adapter(page, train_app):
@@ -155,8 +147,8 @@ def test_caption_run_watch_stop_reload_resume_and_blend_the_new_adapter(page, tr
         box = page.locator(f"#{elem_id} input[type=number]")
         box.fill(str(v))
         box.press("Enter")
-    src, base = generate(page)
+    src, base = click_generate(page)
     page.locator("#library label").filter(has_text="browser_run").click()
     page.wait_for_selector("#w-browser_run")
-    _, tuned = generate(page, src)
+    _, tuned = click_generate(page, src)
     assert abs(pixels(Image.open(io.BytesIO(base))) - pixels(Image.open(io.BytesIO(tuned)))).max() > 5

@@ -5,7 +5,7 @@ import os
 import re
 
 import pytest
-from ui_helpers import SETTINGS, pixels, same_image
+from ui_helpers import SETTINGS, click_generate, pixels, same_image
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -48,15 +48,6 @@ def dismiss_toasts(page) -> None:
     page.locator(".toast-body").first.wait_for(state="detached")
 
 
-def generate(page, previous_src: str | None = None) -> tuple[str, bytes]:
-    """Click Generate; returns the new gallery image's URL and bytes."""
-    page.click("#generate")
-    page.wait_for_function("([prev]) => { const i = document.querySelector('#gallery img');"
-                           " return i && i.src && i.src !== prev; }", arg=[previous_src])
-    src = page.locator("#gallery img").first.get_attribute("src")
-    return src, page.request.get(src).body()
-
-
 def test_enable_two_adapters_set_weights_generate_and_change_a_weight(page, expected):
     from PIL import Image
 
@@ -73,14 +64,14 @@ def test_enable_two_adapters_set_weights_generate_and_change_a_weight(page, expe
                            ("width", SETTINGS["width"]), ("height", SETTINGS["height"])):
         set_number(page, elem_id, value)
 
-    src, first = generate(page)
+    src, first = click_generate(page)
     first = Image.open(io.BytesIO(first))
     assert first.text["parameters"].startswith("a red circle <lora:style_a:0.8> <lora:style_b:-0.5>")
     assert same_image(first, expected({"style_a": 0.8, "style_b": -0.5}))
 
     set_number(page, "w-style_a", 1.6)  # only a number changes; the next image uses it
     page.wait_for_function("document.querySelector('#blend-summary textarea').value.startsWith('style_a 1.6')")
-    _, second = generate(page, src)
+    _, second = click_generate(page, src)
     second = Image.open(io.BytesIO(second))
     assert abs(pixels(first) - pixels(second)).max() > 10
     assert same_image(second, expected({"style_a": 1.6, "style_b": -0.5}))
@@ -157,7 +148,7 @@ def test_progress_interrupt_batch_parameters_and_png_info(page, session, tmp_pat
         else:
             set_number(page, elem_id, value)
     page.wait_for_function("document.querySelector('#blend-summary textarea').value == 'style_a 0.7'")
-    src, _ = generate(page)
+    src, _ = click_generate(page)
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
     png = tmp_path / "dropped.png"  # the second image, as the browser got it
     png.write_bytes(page.request.get(page.locator("#gallery img").nth(1).get_attribute("src")).body())
@@ -202,7 +193,7 @@ def test_progress_interrupt_batch_parameters_and_png_info(page, session, tmp_pat
     assert page.locator("#prompt textarea").input_value() == "a red circle"
     assert page.locator("#seed input").input_value() == "12"
     set_number(page, "batch", 1)
-    _, again = generate(page, src)
+    _, again = click_generate(page, src)
     from PIL import Image
 
     assert same_image(Image.open(io.BytesIO(again)), Image.open(png), tol=0)
@@ -321,7 +312,7 @@ def test_a_block_preset_picked_in_the_page_gives_the_librarys_image(page, expect
         set_number(page, elem_id, value)
     choose(page, "blocks-style_a", "blocks: IND")
     summary_is(page, "style_a 1 (blocks IND)")
-    _, data = generate(page)
+    _, data = click_generate(page)
     image = Image.open(io.BytesIO(data))
     assert image.text["parameters"].startswith("a red circle <lora:style_a:1:lbw=IND>\nSteps: 2")
     # IND keeps BASE (the text encoders) and none of the tiny UNet's blocks (IN03, M00, OUT00, OUT01).

@@ -87,3 +87,13 @@ def tiny_tagger(folder: Path) -> Path:
         w.writerow(["tag_id", "name", "category", "count"])
         w.writerows([i, t[0], t[1], 100] for i, t in enumerate(tags))
     return folder
+
+
+def click_generate(page, previous_src: str | None = None) -> tuple[str, bytes]:
+    """In a browser page: click Generate; returns the new gallery image's URL and bytes (once it differs from
+    `previous_src`)."""
+    page.click("#generate")
+    page.wait_for_function("([prev]) => { const i = document.querySelector('#gallery img');"
+                           " return i && i.src && i.src !== prev; }", arg=[previous_src])
+    src = page.locator("#gallery img").first.get_attribute("src")
+    return src, page.request.get(src).body()
